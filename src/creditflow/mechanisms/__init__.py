@@ -1,0 +1,9 @@
+"""The three shared mechanisms every rule is built from (see docs/design.md)."""
+
+from .feedback import FeedbackConv2d, FeedbackLinear, attach_feedback, random_like_init
+from .injection import DirectFeedback, block_output_shapes, inject, output_error, run_cut
+
+__all__ = [
+    "FeedbackConv2d", "FeedbackLinear", "attach_feedback", "random_like_init",
+    "DirectFeedback", "block_output_shapes", "inject", "output_error", "run_cut",
+]

@@ -1,0 +1,154 @@
+"""Feedback layers: Linear and Conv2d whose backward sends the error through ``B``.
+
+Forward is the ordinary layer. Backward computes
+
+    grad_input  = what BP computes, with the weight W replaced by B
+    grad_weight = what BP computes, from the saved activation ``a`` (the layer input by default)
+
+so BP is ``B = W`` and FA is a fixed random ``B``. Sign-symmetry, Kolen-Pollack, weight mirror
+and activation sharing differ only in how ``B`` is made and updated and in which activation
+feeds ``grad_weight``: they reuse these layers and never subclass ``nn.Linear``/``nn.Conv2d``.
+
+Shape convention: ``B`` has the shape of ``W``. In the papers' column-vector notation the
+feedback matrix is ``B^T`` (``delta_h = B_paper delta_a``), so "B = W^T" there is ``B = W`` here.
+
+References: PyTorch note "Extending torch.autograd"; Lillicrap et al. 2016 (FA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class LinearFeedbackFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, a: Tensor):
+        ctx.save_for_backward(feedback, a)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        feedback, a = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ feedback  # (..., out) @ (out, in): the only line that differs from BP
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class Conv2dFeedbackFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, a, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight, feedback, a)
+        ctx.x_shape = x.shape  # only the shape: x itself need not stay alive when a is not x
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, feedback, a = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_x = grad_w = grad_b = None
+        args = (stride, padding, dilation, False, (0, 0), groups)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if need_x:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, grad_out.new_empty(1).expand(ctx.x_shape), feedback, None, *args,
+                (True, False, False))[0]
+        if need_w or need_b:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, a, weight, [weight.shape[0]] if need_b else None, *args, (False, need_w, need_b))
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class FeedbackLinear(nn.Module):
+    """A Linear layer's parameters plus a feedback buffer ``B`` used in its backward.
+
+    Holds the *same* ``weight``/``bias`` Parameters as the layer it replaces, so optimizers,
+    state dicts (keys ``weight``, ``bias``, ``feedback``) and inference see the original layer.
+    """
+
+    def __init__(self, layer: nn.Linear, feedback: Tensor):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight, self.bias = layer.weight, layer.bias
+        self.register_buffer("feedback", feedback.detach().clone().contiguous())
+        self.activation_override: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        a = x if self.activation_override is None else self.activation_override
+        return LinearFeedbackFn.apply(x, self.weight, self.bias, self.feedback, a)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, feedback=B"
+
+
+class FeedbackConv2d(nn.Module):
+    """A Conv2d layer's parameters plus a feedback kernel ``B`` used in its backward."""
+
+    def __init__(self, layer: nn.Conv2d, feedback: Tensor):
+        super().__init__()
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError("feedback Conv2d supports numeric zero padding only; "
+                             f"got padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
+        self.weight, self.bias = layer.weight, layer.bias
+        self.conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        self.register_buffer("feedback", feedback.detach().clone().contiguous())
+        self.activation_override: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return F.conv2d(x, self.weight, self.bias, *self.conv)
+        a = x if self.activation_override is None else self.activation_override
+        return Conv2dFeedbackFn.apply(x, self.weight, self.bias, self.feedback, a, *self.conv)
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight.shape)}, stride={self.conv[0]}, padding={self.conv[1]}, feedback=B"
+
+
+FeedbackLayer = FeedbackLinear | FeedbackConv2d
+
+
+def attach_feedback(model: nn.Module, make_feedback: Callable[[nn.Module], Tensor]) -> list[FeedbackLayer]:
+    """Replace every ``nn.Linear``/``nn.Conv2d`` in ``model`` (in place) by its feedback twin.
+
+    ``make_feedback(layer)`` returns the initial ``B`` (shape of ``layer.weight``); it is copied,
+    so ``B`` never aliases ``W``. Returns the new layers in forward-definition order.
+    """
+    swapped: list[FeedbackLayer] = []
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                new: FeedbackLayer = FeedbackLinear(child, make_feedback(child))
+            elif isinstance(child, nn.Conv2d):
+                new = FeedbackConv2d(child, make_feedback(child))
+            else:
+                visit(child)
+                continue
+            setattr(parent, name, new)
+            swapped.append(new)
+
+    visit(model)
+    if not swapped:
+        raise ValueError("model has no nn.Linear or nn.Conv2d layer to give feedback weights")
+    return swapped
+
+
+def random_like_init(layer: nn.Module, scale: float = 1.0) -> Tensor:
+    """A fresh tensor drawn from the layer's own weight init (Kaiming-uniform, a=sqrt(5)), times ``scale``."""
+    b = torch.empty_like(layer.weight)
+    nn.init.kaiming_uniform_(b, a=5 ** 0.5)
+    return b.mul_(scale)

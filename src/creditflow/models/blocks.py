@@ -1,0 +1,69 @@
+"""BlockNet: a model as a sequence of blocks whose last block is the head.
+
+Direct rules cut the graph between blocks; sequential rules ignore the grouping.
+Any ``nn.Sequential`` whose children are blocks and whose last child produces the
+logits works with every rule; ``BlockNet`` only adds ``input_shape`` so rules can
+size their feedback without a data batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "leaky-relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    """An activation module by name; a typo names the allowed ones."""
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; available: {', '.join(sorted(ACTIVATIONS))}"
+        ) from None
+
+
+class BlockNet(nn.Sequential):
+    """Blocks followed by a head; ``self[-1]`` produces the logits.
+
+    Args:
+        blocks: the hidden blocks then the head, in forward order.
+        input_shape: shape of one input sample, e.g. ``(3, 32, 32)``.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], input_shape: tuple[int, ...]):
+        super().__init__(*blocks)
+        if len(self) < 2:
+            raise ValueError(f"a BlockNet needs at least one hidden block and a head, got {len(self)} block(s)")
+        self.input_shape = tuple(int(d) for d in input_shape)
+
+    @property
+    def hidden(self) -> nn.Sequential:
+        return self[:-1]
+
+    @property
+    def head(self) -> nn.Module:
+        return self[-1]
+
+    def extra_repr(self) -> str:
+        return f"input_shape={self.input_shape}"
+
+
+def parse_dims(text: str, what: str) -> list[int]:
+    """``"784-1024-10"`` -> ``[784, 1024, 10]`` with a clear error for bad text."""
+    try:
+        dims = [int(part) for part in text.split("-")]
+    except ValueError:
+        raise ValueError(f"bad {what} {text!r}; expected integers joined by '-', e.g. 784-1024-10") from None
+    if any(d <= 0 for d in dims):
+        raise ValueError(f"bad {what} {text!r}; every size must be positive")
+    return dims

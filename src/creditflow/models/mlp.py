@@ -1,0 +1,35 @@
+"""Fully connected networks: ``mlp:784-1024-1024-10``."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from ..registry import register_model
+from .blocks import BlockNet, parse_dims
+from .blocks import activation as make_activation
+
+
+@register_model("mlp", summary="fully connected net, e.g. mlp:784-1024-1024-10 (activation=relu|tanh|...)",
+                paper="LAS paper Sec. IV.A")
+def mlp(spec: str = "784-1024-1024-10", *, activation: str = "relu", input_shape=None,
+        num_classes: int | None = None) -> BlockNet:
+    """One block per hidden layer (Linear + activation), then a Linear head.
+
+    The first block flattens its input, so image tensors (N, C, H, W) go in unchanged.
+    ``input_shape`` defaults to ``(D0,)``; pass the image shape to document it.
+    """
+    dims = parse_dims(spec, "mlp sizes")
+    if len(dims) < 3:
+        raise ValueError(f"mlp needs an input, at least one hidden and an output size, got {spec!r}")
+    if num_classes is not None and num_classes != dims[-1]:
+        raise ValueError(f"mlp output size {dims[-1]} does not match the dataset's {num_classes} classes")
+    if input_shape is not None and math.prod(input_shape) != dims[0]:
+        raise ValueError(f"mlp input size {dims[0]} does not match input shape {tuple(input_shape)}")
+    blocks: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-2], dims[1:-1])):
+        layers = [nn.Flatten()] if i == 0 else []
+        blocks.append(nn.Sequential(*layers, nn.Linear(d_in, d_out), make_activation(activation)))
+    blocks.append(nn.Linear(dims[-2], dims[-1]))
+    return BlockNet(blocks, input_shape or (dims[0],))

@@ -1,0 +1,129 @@
+"""Rule: the contract every credit-assignment rule follows.
+
+A rule wraps a model, may own extra tensors (feedback matrices, local modules), and exposes
+every trainable tensor through ``parameters()`` so any ``torch.optim`` optimizer, scheduler,
+AMP or DDP works unchanged. ``step(x, y)`` runs the forward pass and fills ``.grad``; the
+caller steps the optimizer. Inference is the plain model: ``rule.model(x)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..mechanisms import block_output_shapes, inject, output_error, run_cut
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits, target)
+
+
+def one_hot_mse(logits: Tensor, target: Tensor) -> Tensor:
+    # Mean over the batch of the squared error summed over classes, as the papers' ||y - y*||^2.
+    return (logits - F.one_hot(target, logits.shape[-1]).to(logits.dtype)).pow(2).sum(-1).mean()
+
+
+LOSSES = {"cross-entropy": cross_entropy, "mse": one_hot_mse}
+
+
+class StepResult(NamedTuple):
+    loss: Tensor  # scalar, detached; read it with .item() outside the hot path
+    logits: Tensor  # (N, C), detached
+
+
+class Rule(nn.Module):
+    """Base rule: plain back-propagation through ``model``.
+
+    Args:
+        model: a ``BlockNet`` or any ``nn.Sequential`` whose last child is the head.
+        num_classes: C, the size of the output error ``e``.
+        loss: ``"cross-entropy"`` (softmax) or ``"mse"`` (on one-hot targets).
+    """
+
+    #: a rule that can update blocks before the output exists (DRTP, LTAS) sets this
+    needs_target_early = False
+
+    def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy"):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; available: {', '.join(LOSSES)}")
+        self.model = model
+        self.num_classes = num_classes
+        self.loss_name = loss
+        self.loss_fn = LOSSES[loss]
+
+    def parameters(self, recurse: bool = True):
+        """Every tensor this rule trains: model and rule-owned, frozen ones left out."""
+        return (p for p in super().parameters(recurse) if p.requires_grad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        loss.backward()
+        return StepResult(loss.detach(), logits.detach())
+
+
+def placement(model: nn.Module) -> dict:
+    """``device``/``dtype`` of the model's parameters, for tensors a rule creates beside it."""
+    p = next(model.parameters(), None)
+    return {"device": p.device, "dtype": p.dtype} if p is not None else {}
+
+
+class DirectRule(Rule):
+    """Direct credit paths: blocks are cut apart and each hidden block gets a signal at its output.
+
+    The last ``top_blocks`` blocks (1: the head alone) form the top, trained with the true
+    gradient of the loss; every block below it receives ``signals(e, y, outputs)[i]`` and
+    back-propagates it inside itself only. Subclasses say only how signals are made.
+    """
+
+    top_blocks = 1
+
+    def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy",
+                 input_shape: tuple[int, ...] | None = None):
+        super().__init__(model, num_classes, loss)
+        blocks = list(model.children())
+        if len(blocks) < 2:
+            raise ValueError(f"{type(self).__name__} needs a model of at least 2 blocks (hidden + head), "
+                             f"got {len(blocks)}; wrap layers in an nn.Sequential of blocks")
+        split = max(len(blocks) - self.top_blocks, 0)
+        # Plain tuples, not submodules: the model already owns these modules.
+        self._hidden = tuple(blocks[:split])
+        self._top = nn.Sequential(*blocks[split:]) if split < len(blocks) - 1 else blocks[-1]
+        self.input_shape = resolve_input_shape(model, input_shape)
+
+    def hidden_output_shapes(self) -> list[torch.Size]:
+        return block_output_shapes(self._hidden, self.input_shape)
+
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor | None]:
+        """One signal per hidden block output (shape of ``outputs[i]``), or None for no update."""
+        raise NotImplementedError
+
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        outputs = run_cut(self._hidden, x)  # h_1 .. h_k, each block's input detached
+        logits = self._top(outputs[-1].detach() if outputs else x)
+        loss, e = output_error(logits, y, self.loss_fn)  # e: (N, C)
+        with torch.no_grad():
+            signals = self.signals(e, y, outputs)
+        inject([logits, *outputs], [e, *signals])
+        return StepResult(loss, logits.detach())
+
+
+def resolve_input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:
+    """``input_shape`` given, else the model's, else inferred from a leading Linear layer."""
+    if input_shape is not None:
+        return tuple(int(d) for d in input_shape)
+    if getattr(model, "input_shape", None) is not None:
+        return tuple(model.input_shape)
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    if isinstance(first, nn.Linear):
+        return (first.in_features,)
+    raise ValueError("cannot infer the input shape of this model; pass input_shape=(C, H, W)")

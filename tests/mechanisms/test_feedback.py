@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch import nn
+
+from creditflow.mechanisms import FeedbackConv2d, FeedbackLinear, attach_feedback
+from creditflow.mechanisms.feedback import Conv2dFeedbackFn, LinearFeedbackFn
+
+
+def test_linear_feedback_fn_equals_autograd_when_B_is_W():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)  # extra leading dim on purpose
+    W = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, W, b: LinearFeedbackFn.apply(x, W, b, W.detach(), x)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, W, b))
+
+
+@pytest.mark.parametrize("stride,padding,groups", [(1, 0, 1), (2, 2, 1), (1, 1, 2)])
+def test_conv_feedback_fn_equals_autograd_when_B_is_W(stride, padding, groups):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, W, b):
+        return Conv2dFeedbackFn.apply(x, W, b, W.detach(), x, (stride,) * 2, (padding,) * 2, (1, 1), groups)
+
+    assert torch.autograd.gradcheck(fn, (x, W, b))
+
+
+def test_linear_input_gradient_uses_B_and_weight_gradient_uses_activation():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(5, 3, dtype=torch.float64)  # a "shared" activation, not x
+    W = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(4, 3, dtype=torch.float64)
+    g = torch.randn(5, 4, dtype=torch.float64)
+    LinearFeedbackFn.apply(x, W, None, B, a).backward(g)
+    torch.testing.assert_close(x.grad, g @ B)
+    torch.testing.assert_close(W.grad, g.T @ a)
+
+
+def test_conv_input_gradient_uses_B():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    g = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    Conv2dFeedbackFn.apply(x, W, None, B, x, (2, 2), (1, 1), (1, 1), 1).backward(g)
+    x_ref = x.detach().requires_grad_()
+    torch.nn.functional.conv2d(x_ref, B, None, 2, 1).backward(g)  # d/dx of a conv with weight B
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_attach_feedback_swaps_layers_and_shares_parameters_not_storage():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten()), nn.Linear(8, 3))
+    w_conv, w_lin = model[0][0].weight, model[1].weight
+    layers = attach_feedback(model, lambda layer: layer.weight)
+    assert isinstance(model[0][0], FeedbackConv2d) and isinstance(model[1], FeedbackLinear)
+    assert model[0][0].weight is w_conv and model[1].weight is w_lin
+    for layer in layers:
+        assert layer.feedback.untyped_storage().data_ptr() != layer.weight.untyped_storage().data_ptr()
+        assert not layer.feedback.requires_grad
+        torch.testing.assert_close(layer.feedback, layer.weight.detach())
+    assert {"1.weight", "1.bias", "1.feedback", "0.0.feedback"} <= set(model.state_dict())
+    assert model(torch.randn(2, 1, 4, 4)).shape == (2, 3)
+
+
+def test_attach_feedback_rejects_model_without_layers():
+    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
+        attach_feedback(nn.Sequential(nn.ReLU()), lambda layer: layer.weight)

@@ -1,0 +1,96 @@
+"""Hand-derived references on tiny networks, in float64, for the rule tests.
+
+Nothing here uses creditflow's mechanisms: the updates are written out from the papers'
+equations so that a rule and its reference cannot agree by accident.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from creditflow.models import BlockNet
+
+
+def tiny_mlp(dims=(6, 5, 4, 3), seed=0, unused_parameter=True) -> BlockNet:
+    """ReLU MLP in float64; block 0 carries one parameter the forward never uses."""
+    torch.manual_seed(seed)
+    blocks = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(dims[:-2], dims[1:-1])]
+    blocks.append(nn.Linear(dims[-2], dims[-1]))
+    if unused_parameter:
+        blocks[0].register_parameter("unused", nn.Parameter(torch.ones(2)))
+    return BlockNet(blocks, (dims[0],)).double()
+
+
+def tiny_cnn(seed=0, batch_norm=False) -> BlockNet:
+    torch.manual_seed(seed)
+
+    def conv(c_in, c_out):
+        layers = [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)]
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        return nn.Sequential(*layers, nn.ReLU())
+
+    blocks = [conv(2, 3), conv(3, 4), nn.Sequential(nn.Flatten(), nn.Linear(4 * 2 * 2, 5), nn.ReLU()),
+              nn.Linear(5, 3)]
+    return BlockNet(blocks, (2, 8, 8)).double()
+
+
+def batch(input_shape, n=7, classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, *input_shape, generator=g, dtype=torch.float64),
+            torch.randint(0, classes, (n,), generator=g))
+
+
+def output_error(logits, y):
+    """e = dL/da_L for mean softmax cross-entropy: (softmax - onehot) / N."""
+    return (logits.softmax(-1) - F.one_hot(y, logits.shape[-1]).double()) / logits.shape[0]
+
+
+def bp_grads(model, x, y) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {k: g for k, g in zip(params, grads) if g is not None}
+
+
+def mlp_direct_grads(weights, biases, x, y, feedback):
+    """Direct feedback on a ReLU MLP, from the DFA equations (Nøkland 2016, LAS eqs. 15-18).
+
+    ``weights[i]``: (out, in); ``feedback[i]``: (C, n_i) or None, the signal of hidden layer i is
+    ``e @ feedback[i]``; the head learns from e. Returns (grads_W, grads_b).
+    """
+    hs, As = [x], []
+    for W, b in zip(weights[:-1], biases[:-1]):
+        As.append(hs[-1] @ W.T + b)
+        hs.append(As[-1].clamp_min(0))
+    logits = hs[-1] @ weights[-1].T + biases[-1]
+    e = output_error(logits, y)
+    gW, gb = [], []
+    for i, B in enumerate(feedback):
+        delta = (e @ B) * (As[i] > 0).double()  # delta_i = (B_i e) * f'(a_i)
+        gW.append(delta.T @ hs[i])
+        gb.append(delta.sum(0))
+    gW.append(e.T @ hs[-1])
+    gb.append(e.sum(0))
+    return gW, gb
+
+
+def mlp_fa_grads(weights, biases, x, y, feedback):
+    """Feedback alignment on a ReLU MLP: delta_i = (B_{i+1}^T delta_{i+1}) * f'(a_i).
+
+    ``feedback[i]`` has the shape of ``weights[i]`` (this library's convention).
+    """
+    hs, As = [x], []
+    for W, b in zip(weights[:-1], biases[:-1]):
+        As.append(hs[-1] @ W.T + b)
+        hs.append(As[-1].clamp_min(0))
+    logits = hs[-1] @ weights[-1].T + biases[-1]
+    delta = output_error(logits, y)
+    gW, gb = [None] * len(weights), [None] * len(weights)
+    for i in reversed(range(len(weights))):
+        gW[i], gb[i] = delta.T @ hs[i], delta.sum(0)
+        if i:
+            delta = (delta @ feedback[i]) * (As[i - 1] > 0).double()
+    return gW, gb

@@ -1,0 +1,68 @@
+"""Every registered rule, through one table: the contract of docs/rules.md."""
+
+import copy
+
+import pytest
+import torch
+
+import creditflow as cf
+from tests.reference import batch, tiny_cnn, tiny_mlp
+
+RULES = cf.rules.available()
+MODELS = {"mlp": lambda: tiny_mlp(unused_parameter=False), "cnn": tiny_cnn, "cnn-bn": lambda: tiny_cnn(batch_norm=True)}
+
+
+def buffers_to_keep(rule):
+    # Buffers other than BatchNorm statistics are feedback tensors and must not change.
+    return {k: v.clone() for k, v in rule.named_buffers() if "running" not in k and "num_batches" not in k}
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("rule_name", RULES)
+def test_rule_contract(rule_name, model_name):
+    model = MODELS[model_name]()
+    rule = cf.rules.build(rule_name, model, num_classes=3)
+    params = list(rule.parameters())
+    assert params and all(p.requires_grad for p in params)
+    fixed = buffers_to_keep(rule)
+    opt = torch.optim.SGD(params, lr=0.1)
+    for _ in range(2):
+        out = rule.step(*batch(model.input_shape))
+        assert out.logits.shape == (7, 3) and out.loss.ndim == 0 and not out.loss.requires_grad
+        for p in params:
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+        opt.step()
+        opt.zero_grad()
+    for k, v in buffers_to_keep(rule).items():
+        assert torch.equal(v, fixed[k]), f"{rule_name} changed fixed buffer {k}"
+    # Inference is the plain model.
+    model.eval()
+    x, _ = batch(model.input_shape)
+    assert model(x).shape == (7, 3)
+    # state_dict round-trips into a freshly built rule.
+    twin = cf.rules.build(rule_name, copy.deepcopy(MODELS[model_name]()), num_classes=3)
+    twin.load_state_dict(rule.state_dict())
+    twin.eval()
+    torch.testing.assert_close(twin.model(x), model(x))
+
+
+def test_unknown_rule_names_the_closest():
+    with pytest.raises(ValueError, match=r"unknown rule 'dfaa'; available: .*dfa.*\(closest: dfa\)"):
+        cf.rules.build("dfaa", tiny_mlp(), num_classes=3)
+
+
+def test_bad_rule_option_is_a_clear_error():
+    with pytest.raises(ValueError, match="bad options for rule 'dfa'"):
+        cf.rules.build("dfa", tiny_mlp(), num_classes=3, no_such_option=1)
+    with pytest.raises(ValueError, match="feedback_scale must be > 0"):
+        cf.rules.build("dfa", tiny_mlp(), num_classes=3, feedback_scale=0)
+
+
+def test_rules_work_on_a_users_own_sequential():
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh()),
+                                torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()),
+                                torch.nn.Linear(8, 2))
+    for name in RULES:
+        rule = cf.rules.build(name, copy.deepcopy(model), num_classes=2)
+        rule.step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
+        assert all(p.grad is not None for p in rule.parameters())
