@@ -1,0 +1,168 @@
+"""Command line: argument handling only; training logic lives in ``creditflow.train``.
+
+Flags are generated from the run schema, so a YAML key and a flag are the same thing
+(``lr:`` in a file, ``--lr`` on the command line); flags override the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import typing
+from typing import Any
+
+import click
+from pydantic import BaseModel
+
+from .registry import DATASETS, MODELS, RULES
+from .train.config import CompareConfig, RunConfig
+
+SKIP = {"rule_options", "model_options"}
+
+
+def schema_options(schema: type[BaseModel], exclude: set[str] = frozenset()):
+    """Click options for every schema field; defaults stay None so we know what was given."""
+
+    def decorate(command):
+        for name, field in reversed(list(schema.model_fields.items())):
+            if name in SKIP or name in exclude:
+                continue
+            flag = "--" + name.replace("_", "-")
+            annotation = field.annotation
+            kwargs: dict[str, Any] = {"default": None, "help": field.description}
+            if typing.get_origin(annotation) is typing.Literal:
+                kwargs["type"] = click.Choice(typing.get_args(annotation))
+            elif annotation is bool:
+                flag = f"{flag}/--no-{name.replace('_', '-')}"
+            elif annotation in (int, float):
+                kwargs["type"] = annotation
+            elif typing.get_origin(annotation) is list:
+                kwargs["type"] = str
+            command = click.option(flag, name, **kwargs)(command)
+        return command
+
+    return decorate
+
+
+def key_values(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """``("feedback_scale=0.5",)`` -> ``{"feedback_scale": 0.5}``; values parsed as YAML scalars."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got {pair!r}", param_hint=flag)
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def resolve(schema, config_file, flags: dict[str, Any], rule_option=(), model_option=()):
+    """Defaults < YAML file < flags, validated once by the schema."""
+    from .train.config import ConfigError, load_yaml, validate
+
+    values = load_yaml(config_file) if config_file else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    for key, pairs, flag in (("rule_options", rule_option, "--rule-option"),
+                             ("model_options", model_option, "--model-option")):
+        if pairs:
+            values[key] = {**values.get(key, {}), **key_values(pairs, flag)}
+    try:
+        return validate(schema, values)
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+
+
+def common(command):
+    command = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                           help="YAML file with any of these options")(command)
+    command = click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint")(command)
+    command = click.option("--quiet", is_flag=True, help="no progress bar or epoch log")(command)
+    command = click.option("--rule-option", multiple=True, metavar="KEY=VALUE",
+                           help="extra rule argument, e.g. feedback_scale=0.5")(command)
+    command = click.option("--model-option", multiple=True, metavar="KEY=VALUE",
+                           help="extra model argument, e.g. activation=tanh")(command)
+    return command
+
+
+def setup_logging(quiet: bool) -> bool:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    return not quiet and sys.stderr.isatty()
+
+
+def fail(err: Exception):
+    raise click.ClickException(str(err)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="creditflow")
+def main():
+    """creditflow: train neural networks with credit-assignment rules beyond backpropagation."""
+
+
+
+
+
+@main.command()
+@common
+@schema_options(RunConfig)
+def train(config_file, resume, quiet, rule_option, model_option, **flags):
+    """Train one rule on one model and dataset; writes config, metrics, checkpoint, summary."""
+    from .train import NonFiniteLoss, train as run_train
+
+    cfg = resolve(RunConfig, config_file, flags, rule_option, model_option)
+    progress = setup_logging(quiet)
+    try:
+        summary = run_train(cfg, resume=resume, progress=progress)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
+        fail(err)
+    click.echo(f"{cfg.rule}: test accuracy {summary['test_acc']:.4f} at best validation epoch "
+               f"{summary['best_epoch']} ({summary['selection']}); results in {cfg.out_dir()}")
+
+
+@main.command()
+@common
+@schema_options(CompareConfig, exclude={"rule"})
+def compare(config_file, resume, quiet, rule_option, model_option, **flags):
+    """Compare rules on the same model, data and seeds (default: BP, Shallow, FA, DFA on the embedded data)."""
+    from .train import NonFiniteLoss, compare as run_compare
+    from .train.compare import to_markdown
+
+    cfg = resolve(CompareConfig, config_file, flags, rule_option, model_option)
+    progress = setup_logging(quiet)
+    try:
+        rows = run_compare(cfg, resume=resume, progress=progress)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
+        fail(err)
+    click.echo(to_markdown(rows, cfg))
+    click.echo(f"results in {cfg.out_dir()}/results.md, results.csv, results.json")
+
+
+def listing(registry):
+    width = max(len(n) for n in registry.entries)
+    for name in registry.available():
+        entry = registry.entries[name]
+        paper = f"  [{entry.paper}]" if entry.paper else ""
+        click.echo(f"{name:<{width}}  {entry.summary}{paper}")
+
+
+@main.command()
+def rules():
+    """List the credit-assignment rules."""
+    listing(RULES)
+
+
+@main.command()
+def models():
+    """List the model families."""
+    listing(MODELS)
+
+
+@main.command()
+def datasets():
+    """List the datasets."""
+    listing(DATASETS)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,138 @@
+"""The run schema: one validated config shared by YAML files and CLI flags.
+
+Every field has a default, so an empty config is a valid run (the embedded dataset, an MLP, BP).
+Unknown keys and bad values are errors that name what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..registry import DATASETS, MODELS, RULES
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message lists every problem."""
+
+
+def registered(registry, name: str) -> str:
+    if name not in registry:
+        raise ValueError(registry.unknown_message(name))
+    return name
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field("fashion-mnist-mini", description="dataset name (creditflow datasets)")
+    data_dir: str | None = Field(None, description="folder holding the dataset files")
+    download: bool = Field(True, description="download missing datasets (checksum-verified)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of the training set held out for validation")
+    augment: str = Field("none", description="batch augmentations, e.g. flip,crop,cutout (or none)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v):
+        return registered(DATASETS, v)
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1, description="training epochs")
+    batch_size: int = Field(64, ge=1, description="training batch size")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="optimizer")
+    lr: float = Field(1e-4, gt=0, description="learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    schedule: Literal["none", "cosine", "step"] = Field("none", description="learning-rate schedule")
+    step_size: int = Field(30, ge=1, description="epochs between decays (schedule=step)")
+    gamma: float = Field(0.1, gt=0, le=1, description="decay factor (schedule=step)")
+
+
+class RunConfig(DataConfig, OptimConfig):
+    """One training run: a rule on a model and a dataset."""
+
+    rule: str = Field("bp", description="credit-assignment rule (creditflow rules)")
+    model: str = Field("mlp:784-1024-1024-10", description="model spec (creditflow models)")
+    rule_options: dict[str, Any] = Field(default_factory=dict, description="extra rule arguments, key=value")
+    model_options: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, key=value")
+    seed: int = Field(0, ge=0, description="seed for init, split, data order and augmentation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
+    out: str | None = Field(None, description="output folder (default runs/<rule>-<dataset>-s<seed>)")
+    eval_batch_size: int = Field(1000, ge=1, description="batch size for evaluation")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch (smoke runs)")
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, v):
+        return registered(RULES, v)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v):
+        registered(MODELS, v.partition(":")[0])
+        return v
+
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.rule}-{self.dataset}-s{self.seed}")
+
+
+class CompareConfig(RunConfig):
+    """Several rules on the same model, data and seeds."""
+
+    rules: list[str] = Field(default_factory=lambda: ["bp", "shallow", "fa", "dfa"],
+                             description="rules to compare, comma-separated")
+    seeds: int = Field(3, ge=1, description="number of seeds (seed, seed+1, ...)")
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules(cls, v):
+        names = [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else list(v)
+        if not names:
+            raise ValueError("rules must name at least one rule")
+        return [registered(RULES, n) for n in names]
+
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/compare-{self.dataset}")
+
+    def run(self, rule: str, seed: int) -> RunConfig:
+        fields = self.model_dump(exclude={"rules", "seeds", "out", "rule", "seed"})
+        return RunConfig(**fields, rule=rule, seed=seed, out=str(self.out_dir() / rule / f"seed{seed}"))
+
+
+def validate(schema: type[BaseModel], values: dict[str, Any]) -> BaseModel:
+    """Validate ``values`` against ``schema``; errors become one ConfigError naming each bad key."""
+    try:
+        return schema.model_validate(values)
+    except ValidationError as err:
+        lines = []
+        for problem in err.errors():
+            key = ".".join(str(p) for p in problem["loc"]) or "config"
+            if problem["type"] == "extra_forbidden":
+                allowed = ", ".join(sorted(schema.model_fields))
+                lines.append(f"unknown key {key!r}; allowed: {allowed}")
+            else:
+                msg = problem["msg"].removeprefix("Value error, ")
+                lines.append(f"{key}: {msg} (got {problem.get('input')!r})")
+        raise ConfigError("invalid config: " + "; ".join(lines)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def dump_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

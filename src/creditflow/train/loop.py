@@ -1,0 +1,170 @@
+"""The training loop: one rule, one model, one dataset; resumable and honest about selection.
+
+Per epoch it appends a line to ``metrics.jsonl`` and atomically rewrites ``checkpoint.pt``;
+``summary.json`` reports test accuracy at the best *validation* epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import data, models, rules
+from .checkpoint import load_checkpoint, save_checkpoint, write_text
+from .config import RunConfig, dump_yaml
+from .metrics import read_jsonl, summarize, write_jsonl, write_summary
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    params = list(params)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None
+
+
+def build_run(cfg: RunConfig, splits, device: torch.device):
+    """Model, rule, optimizer and scheduler for ``cfg``, seeded so rebuilding gives the same init."""
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, input_shape=splits.shape, num_classes=splits.num_classes,
+                         **cfg.model_options)
+    rule = rules.build(cfg.rule, model, splits.num_classes, **cfg.rule_options).to(device)
+    opt = make_optimizer(cfg, rule.parameters())
+    return rule, opt, make_scheduler(cfg, opt)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, imageset, splits, device, batch_size: int) -> float | None:
+    if len(imageset) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for xb, yb in data.batches(imageset, batch_size, shuffle=False):
+        x = splits.normalize(xb.to(device, non_blocking=True))
+        correct += (model(x).argmax(-1) == yb.to(device)).sum()
+    model.train(was_training)
+    return correct.item() / len(imageset)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` to the end (or continue it with ``resume``) and return the summary."""
+    out = cfg.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    device = resolve_device(cfg.device)
+    splits = data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                       val_fraction=cfg.val_fraction, seed=cfg.seed)
+    rule, opt, sched = build_run(cfg, splits, device)
+    augment = data.augment.build(cfg.augment)
+    gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation, saved in checkpoints
+    rows: list[dict[str, Any]] = []
+    start = 0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, device)
+        if state["config"] != cfg.model_dump(mode="json"):
+            raise ValueError(f"cannot resume {out}: its config differs from this one; "
+                             "use the saved config.yaml or another --out")
+        rule.load_state_dict(state["rule"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["epoch"]
+        rows = read_jsonl(out / "metrics.jsonl")[:start]
+        log.info("resuming %s at epoch %d", out, start + 1)
+    elif resume:
+        log.info("nothing to resume in %s; starting fresh", out)
+    write_text(out / "config.yaml", dump_yaml(cfg))
+
+    steps = math.ceil(len(splits.train) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    for epoch in range(start, cfg.epochs):
+        row = train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, progress)
+        if sched is not None:
+            sched.step()
+        row["val_acc"] = evaluate(rule.model, splits.val, splits, device, cfg.eval_batch_size)
+        row["test_acc"] = evaluate(rule.model, splits.test, splits, device, cfg.eval_batch_size)
+        row["lr"] = opt.param_groups[0]["lr"]
+        rows.append(row)
+        save_checkpoint(ckpt_path, {
+            "epoch": epoch + 1, "config": cfg.model_dump(mode="json"), "rule": rule.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        })
+        write_jsonl(out / "metrics.jsonl", rows)
+        log.info("epoch %d: loss %.4f train %.4f val %s test %.4f", row["epoch"], row["train_loss"],
+                 row["train_acc"], row["val_acc"], row["test_acc"])
+    summary = summarize(rows, cfg.model_dump(mode="json"))
+    write_summary(out / "summary.json", summary)
+    return summary
+
+
+def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, progress) -> dict[str, Any]:
+    rule.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = n_steps = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=steps, desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not progress)
+    start = time.perf_counter()
+    batches = data.batches(splits.train, cfg.batch_size, shuffle=True, generator=gen)
+    for xb, yb in batches:
+        if n_steps == steps:
+            break
+        x, y = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        x = splits.normalize(augment(x, generator=gen))
+        out = rule.step(x, y)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_sum += out.loss * len(y)  # kept on device: no sync in the hot loop
+        correct += (out.logits.argmax(-1) == y).sum()
+        seen += len(y)
+        n_steps += 1
+        bar.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    train_loss = loss_sum.item() / max(seen, 1)
+    if not math.isfinite(train_loss):
+        raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, the last good "
+                            f"checkpoint is kept (try a smaller --lr)")
+    return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
+            "seconds_per_step": seconds / max(n_steps, 1),
+            "peak_memory_bytes": peak_memory(device)}

@@ -1,0 +1,59 @@
+import json
+
+from click.testing import CliRunner
+
+import creditflow as cf
+from creditflow.cli import main
+
+TINY = ["--model", "mlp:784-32-10", "--epochs", "1", "--max-steps-per-epoch", "3", "--batch-size", "32",
+        "--device", "cpu", "--quiet"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_listings_name_every_registered_entry():
+    for command, names in (("rules", cf.rules.available()), ("models", cf.models.available()),
+                           ("datasets", cf.data.available())):
+        result = run(command)
+        assert result.exit_code == 0
+        lines = result.output.strip().splitlines()
+        assert [line.split()[0] for line in lines] == names
+
+
+def test_train_flags_and_yaml_share_one_schema(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rule: dfa\nlr: 0.002\nrule_options: {feedback_scale: 0.5}\n")
+    out = tmp_path / "out"
+    result = run("train", "--config", str(cfg), "--lr", "0.001", "--out", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    saved = (out / "config.yaml").read_text()
+    assert "rule: dfa" in saved and "lr: 0.001" in saved and "feedback_scale: 0.5" in saved
+    assert json.loads((out / "summary.json").read_text())["rule"] == "dfa"
+
+
+def test_bad_flag_value_names_what_is_allowed():
+    result = CliRunner().invoke(main, ["train", "--optimizer", "rmsprop"])
+    assert result.exit_code == 2 and "'adam'" in result.output and "'sgd'" in result.output
+    result = CliRunner().invoke(main, ["train", "--rule", "dfaa"])
+    assert result.exit_code == 2 and "closest: dfa" in result.output
+    result = CliRunner().invoke(main, ["train", "--lrr", "0.1"])
+    assert result.exit_code == 2 and "--lr" in result.output
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 0.1\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(cfg)])
+    assert result.exit_code == 2 and "unknown key 'learning_rate'" in result.output
+
+
+def test_compare_writes_a_table(tmp_path):
+    result = run("compare", "--rules", "bp,dfa", "--seeds", "2", "--out", str(tmp_path), *TINY)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["rule"] for r in rows] == ["bp", "dfa"] and rows[0]["step_time_vs_bp"] == 1.0
+    assert all(r["seeds"] == 2 for r in rows)
+    assert "| dfa |" in (tmp_path / "results.md").read_text() and "| dfa |" in result.output
+    assert (tmp_path / "results.csv").read_text().startswith("rule,seeds,test_acc_mean")
