@@ -11,7 +11,7 @@ def test_dfa_with_one_hidden_block_and_B_equal_to_W_out_is_bp():
     x, y = batch(model.input_shape)
     ref = bp_grads(copy.deepcopy(model), x, y)
     rule = cf.rules.build("dfa", model, num_classes=3)
-    rule.feedback.B0.copy_(model.head.weight)  # (C, n): signal e @ W_out = W_out^T e
+    rule.feedback.matrices[0].copy_(model.head.weight)  # (C, n): signal e @ W_out = W_out^T e
     rule.step(x, y)
     for k, p in model.named_parameters():
         if k in ref:
@@ -37,7 +37,7 @@ def test_dfa_matches_hand_derived_update():
 def test_dfa_blocks_learn_only_from_their_own_signal():
     model = tiny_mlp(dims=(6, 5, 4, 3))
     rule = cf.rules.build("dfa", model, num_classes=3)
-    rule.feedback.B0.zero_()  # block 0 gets a zero signal; block 1 still learns
+    rule.feedback.matrices[0].zero_()  # block 0 gets a zero signal; block 1 still learns
     rule.step(*batch(model.input_shape))
     assert torch.count_nonzero(model[0][0].weight.grad) == 0  # nothing leaked down from block 1
     assert torch.count_nonzero(model[1][0].weight.grad) > 0
@@ -56,10 +56,10 @@ def test_dfa_conv_block_gets_B_e_in_its_output_shape():
     h2 = ref_model[2](h1.detach())
     logits = ref_model[3](h2.detach())
     err = output_error(logits.detach(), y)
-    s1 = (err @ rule.feedback.B1).view_as(h1)
+    s1 = (err @ rule.feedback.matrices[1]).view_as(h1)
     (gW1,) = torch.autograd.grad(h1, ref_model[1][0].weight, s1)
     torch.testing.assert_close(model[1][0].weight.grad, gW1)
-    s0 = (err @ rule.feedback.B0).view_as(h0)
+    s0 = (err @ rule.feedback.matrices[0]).view_as(h0)
     (gW0,) = torch.autograd.grad(h0, ref_model[0][0].weight, s0)
     torch.testing.assert_close(model[0][0].weight.grad, gW0)
 

@@ -37,10 +37,11 @@ class LinearFeedbackFn(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ feedback  # (..., out) @ (out, in): the only line that differs from BP
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N*, out); a view for the usual 2-D case
         if ctx.needs_input_grad[1]:
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+            grad_w = g.T @ a.reshape(-1, a.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -57,17 +58,27 @@ class Conv2dFeedbackFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, feedback, a = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        grad_x = grad_w = grad_b = None
         args = (stride, padding, dilation, False, (0, 0), groups)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        bias_sizes = [weight.shape[0]] if need_b else None
+        contiguous = a.is_contiguous() and weight.is_contiguous() and feedback.is_contiguous()
+        if a.shape == ctx.x_shape and contiguous:
+            # One call: grad_input from the kernel passed (B), grad_weight from the input passed
+            # (a); grad_weight reads only the kernel's shape. Bitwise the two calls below, ~10%
+            # faster on CPU for conv3's 5x5 convs. Other layouts (channels_last) take the two
+            # calls, since the backend picks its kernel from the layouts of input and kernel.
+            return (*torch.ops.aten.convolution_backward(
+                grad_out, a, feedback, bias_sizes, *args, (need_x, need_w, need_b)),
+                None, None, None, None, None, None)
+        grad_x = grad_w = grad_b = None
         if need_x:
             grad_x = torch.ops.aten.convolution_backward(
                 grad_out, grad_out.new_empty(1).expand(ctx.x_shape), feedback, None, *args,
                 (True, False, False))[0]
         if need_w or need_b:
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, a, weight, [weight.shape[0]] if need_b else None, *args, (False, need_w, need_b))
+                grad_out, a, weight, bias_sizes, *args, (False, need_w, need_b))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 

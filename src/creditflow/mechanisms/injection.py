@@ -69,7 +69,9 @@ def block_output_shapes(blocks: Sequence[nn.Module], input_shape: Sequence[int])
 class DirectFeedback(nn.Module):
     """Fixed matrices ``B_i`` that map a (N, C) vector to each block's output shape.
 
-    ``B_i`` is stored as (C, n_i) so the signal is one matmul ``v @ B_i`` reshaped to the block.
+    All ``B_i`` live side by side in one (C, n_1 + ... + n_k) buffer ``weight``, so every block's
+    signal comes from a single matmul ``v @ weight``; block i's part is a view of the product
+    reshaped to (N, *shape_i). ``matrices`` gives the per-block (C, n_i) views.
     Default init: uniform in ``±scale/sqrt(n_i)``, the distribution of a transposed PyTorch
     Linear head at init, so the last hidden block's signal starts at BP's scale.
     """
@@ -82,16 +84,19 @@ class DirectFeedback(nn.Module):
         if not scale > 0:
             raise ValueError(f"feedback_scale must be > 0, got {scale}")
         self.shapes = [torch.Size(s) for s in shapes]
-        for i, shape in enumerate(self.shapes):
-            n = math.prod(shape)
-            bound = scale / math.sqrt(n)
-            B = torch.empty(num_classes, n).uniform_(-bound, bound, generator=generator)
-            self.register_buffer(f"B{i}", B)
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.register_buffer("weight", torch.empty(num_classes, sum(self.sizes)))
+        for B, n in zip(self.matrices, self.sizes):
+            B.uniform_(-scale / math.sqrt(n), scale / math.sqrt(n), generator=generator)
 
     @property
     def matrices(self) -> list[Tensor]:
-        return [getattr(self, f"B{i}") for i in range(len(self.shapes))]
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        # narrow, not split: a multi-output view could not be written in place (B.copy_(...)).
+        return [self.weight.narrow(1, a, n) for a, n in zip(starts, self.sizes)]
 
     def forward(self, v: Tensor) -> list[Tensor]:
         """``v``: (N, C) -> one signal per block, each (N, *shape_i)."""
-        return [(v @ B).view(v.shape[0], *shape) for B, shape in zip(self.matrices, self.shapes)]
+        s = v @ self.weight  # (N, n_1 + ... + n_k)
+        # Each part is a strided view; splitting its contiguous last dim needs no copy.
+        return [part.view(v.shape[0], *shape) for part, shape in zip(s.split(self.sizes, dim=1), self.shapes)]

@@ -12,21 +12,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from ..mechanisms import block_output_shapes, inject, output_error, run_cut
-
-
-def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(logits, target)
-
-
-def one_hot_mse(logits: Tensor, target: Tensor) -> Tensor:
-    # Mean over the batch of the squared error summed over classes, as the papers' ||y - y*||^2.
-    return (logits - F.one_hot(target, logits.shape[-1]).to(logits.dtype)).pow(2).sum(-1).mean()
-
-
-LOSSES = {"cross-entropy": cross_entropy, "mse": one_hot_mse}
+from ..mechanisms import block_output_shapes, get_loss, inject, run_cut
 
 
 class StepResult(NamedTuple):
@@ -50,12 +37,10 @@ class Rule(nn.Module):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; available: {', '.join(LOSSES)}")
         self.model = model
         self.num_classes = num_classes
         self.loss_name = loss
-        self.loss_fn = LOSSES[loss]
+        self.loss = get_loss(loss)
 
     def parameters(self, recurse: bool = True):
         """Every tensor this rule trains: model and rule-owned, frozen ones left out."""
@@ -66,7 +51,7 @@ class Rule(nn.Module):
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         logits = self.model(x)
-        loss = self.loss_fn(logits, y)
+        loss = self.loss.value(logits, y)
         loss.backward()
         return StepResult(loss.detach(), logits.detach())
 
@@ -110,7 +95,7 @@ class DirectRule(Rule):
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         outputs = run_cut(self._hidden, x)  # h_1 .. h_k, each block's input detached
         logits = self._top(outputs[-1].detach() if outputs else x)
-        loss, e = output_error(logits, y, self.loss_fn)  # e: (N, C)
+        loss, e = self.loss.error(logits, y)  # e = dL/dlogits: (N, C), no graph
         with torch.no_grad():
             signals = self.signals(e, y, outputs)
         inject([logits, *outputs], [e, *signals])

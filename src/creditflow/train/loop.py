@@ -37,9 +37,13 @@ def resolve_device(name: str) -> torch.device:
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     params = list(params)
+    # The fused kernels do the same update in one pass; on CPU PyTorch's default is a per-tensor
+    # loop that costs as much as DFA's whole backward on an MLP (docs/benchmarks.md).
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=fused)
 
 
 def make_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer):
