@@ -55,5 +55,6 @@ def test_compare_writes_a_table(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["rule"] for r in rows] == ["bp", "dfa"] and rows[0]["step_time_vs_bp"] == 1.0
     assert all(r["seeds"] == 2 for r in rows)
+    assert rows[0]["memory_vs_bp"] == 1.0 and 0 < rows[1]["memory_vs_bp"] <= 1.0  # saved-for-backward bytes on CPU
     assert "| dfa |" in (tmp_path / "results.md").read_text() and "| dfa |" in result.output
     assert (tmp_path / "results.csv").read_text().startswith("rule,seeds,test_acc_mean")

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data, models, rules
+from ..diagnostics import saved_tensor_bytes
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
 from .config import RunConfig, dump_yaml
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
@@ -153,7 +154,12 @@ def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, prog
             break
         x, y = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         x = splits.normalize(augment(x, generator=gen))
-        out = rule.step(x, y)
+        if n_steps == 0:  # measure once per epoch: the hooks cost time, the number does not move
+            held = {}
+            saved = saved_tensor_bytes(lambda: held.setdefault("out", rule.step(x, y)), exclude=rule)
+            out = held["out"]
+        else:
+            out = rule.step(x, y)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum += out.loss * len(y)  # kept on device: no sync in the hot loop
@@ -171,4 +177,4 @@ def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, prog
                             f"checkpoint is kept (try a smaller --lr)")
     return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
             "seconds_per_step": seconds / max(n_steps, 1),
-            "peak_memory_bytes": peak_memory(device)}
+            "saved_for_backward_bytes": saved, "peak_memory_bytes": peak_memory(device)}
