@@ -90,17 +90,22 @@ def setup_logging(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def fail(err: Exception):
-    raise click.ClickException(str(err)) from None
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="creditflow")
 def main():
     """creditflow: train neural networks with credit-assignment rules beyond backpropagation."""
 
 
+def run_job(schema, job, config_file, resume, quiet, rule_option, model_option, flags):
+    """Resolve the config, run ``job(cfg, resume=, progress=)``, turn known failures into one line."""
+    from .train import NonFiniteLoss
 
+    cfg = resolve(schema, config_file, flags, rule_option, model_option)
+    progress = setup_logging(quiet)
+    try:
+        return cfg, job(cfg, resume=resume, progress=progress)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
+        raise click.ClickException(str(err)) from None
 
 
 @main.command()
@@ -108,14 +113,9 @@ def main():
 @schema_options(RunConfig)
 def train(config_file, resume, quiet, rule_option, model_option, **flags):
     """Train one rule on one model and dataset; writes config, metrics, checkpoint, summary."""
-    from .train import NonFiniteLoss, train as run_train
+    from .train import train as run_train
 
-    cfg = resolve(RunConfig, config_file, flags, rule_option, model_option)
-    progress = setup_logging(quiet)
-    try:
-        summary = run_train(cfg, resume=resume, progress=progress)
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
-        fail(err)
+    cfg, summary = run_job(RunConfig, run_train, config_file, resume, quiet, rule_option, model_option, flags)
     click.echo(f"{cfg.rule}: test accuracy {summary['test_acc']:.4f} at best validation epoch "
                f"{summary['best_epoch']} ({summary['selection']}); results in {cfg.out_dir()}")
 
@@ -125,15 +125,10 @@ def train(config_file, resume, quiet, rule_option, model_option, **flags):
 @schema_options(CompareConfig, exclude={"rule"})
 def compare(config_file, resume, quiet, rule_option, model_option, **flags):
     """Compare rules on the same model, data and seeds (default: BP, Shallow, FA, DFA on the embedded data)."""
-    from .train import NonFiniteLoss, compare as run_compare
+    from .train import compare as run_compare
     from .train.compare import to_markdown
 
-    cfg = resolve(CompareConfig, config_file, flags, rule_option, model_option)
-    progress = setup_logging(quiet)
-    try:
-        rows = run_compare(cfg, resume=resume, progress=progress)
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
-        fail(err)
+    cfg, rows = run_job(CompareConfig, run_compare, config_file, resume, quiet, rule_option, model_option, flags)
     click.echo(to_markdown(rows, cfg))
     click.echo(f"results in {cfg.out_dir()}/results.md, results.csv, results.json")
 
