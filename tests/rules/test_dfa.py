@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 import creditflow as cf
@@ -71,3 +72,33 @@ def test_dfa_differs_from_bp_with_random_feedback():
     cf.rules.build("dfa", model, num_classes=3).step(x, y)
     assert not torch.allclose(model[0][0].weight.grad, ref["0.0.weight"])
     torch.testing.assert_close(model[2].weight.grad, ref["2.weight"])  # the head is trained as in BP
+
+
+def test_product_init_is_the_downstream_weight_product():
+    model = tiny_mlp(dims=(6, 5, 4, 3))
+    rule = cf.rules.build("dfa", model, num_classes=3, feedback_init="product")
+    W1, W2 = model[1][0].weight, model[2].weight
+    torch.testing.assert_close(rule.feedback.matrices[0], W2 @ W1)
+    torch.testing.assert_close(rule.feedback.matrices[1], W2)
+    assert rule.feedback.matrices[1].data_ptr() != W2.data_ptr()
+    pairs = rule.feedback_pairs()
+    assert set(pairs) == {"block0", "block1"}
+    torch.testing.assert_close(pairs["block0"][0], pairs["block0"][1])
+
+
+def test_product_init_on_a_linear_net_makes_dfa_equal_bp():
+    torch.manual_seed(0)
+    from torch import nn
+    model = cf.models.BlockNet([nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)], (6,)).double()
+    x, y = batch((6,))
+    ref = bp_grads(copy.deepcopy(model), x, y)
+    cf.rules.build("dfa", model, num_classes=3, feedback_init="product").step(x, y)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[k])
+
+
+def test_product_init_rejects_conv_models_clearly():
+    with pytest.raises(ValueError, match="needs fully connected blocks downstream, found Conv2d"):
+        cf.rules.build("dfa", tiny_cnn(), num_classes=3, feedback_init="product")
+    with pytest.raises(ValueError, match="unknown feedback_init 'ones'; available: random, product"):
+        cf.rules.build("dfa", tiny_mlp(), num_classes=3, feedback_init="ones")

@@ -1,10 +1,13 @@
 """The three shared mechanisms every rule is built from (see docs/design.md)."""
 
 from .feedback import FeedbackConv2d, FeedbackLinear, attach_feedback, random_like_init
+from .local import ConvLocal, LinearLocal, local_module
 from .losses import LOSSES, get_loss
-from .injection import DirectFeedback, block_output_shapes, inject, output_error, run_cut
+from .injection import (FEEDBACK_INITS, DirectFeedback, block_output_shapes, check_feedback_init,
+                        downstream_product, inject, output_error, run_cut)
 
 __all__ = [
     "FeedbackConv2d", "FeedbackLinear", "attach_feedback", "random_like_init",
-    "LOSSES", "get_loss", "DirectFeedback", "block_output_shapes", "inject", "output_error", "run_cut",
+    "ConvLocal", "LinearLocal", "local_module",
+    "LOSSES", "get_loss", "FEEDBACK_INITS", "DirectFeedback", "block_output_shapes", "check_feedback_init", "downstream_product", "inject", "output_error", "run_cut",
 ]

@@ -77,10 +77,8 @@ class DirectFeedback(nn.Module):
     """
 
     def __init__(self, shapes: Sequence[Sequence[int]], num_classes: int, scale: float = 1.0,
-                 init: str = "random", generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None):
         super().__init__()
-        if init != "random":
-            raise ValueError(f"unknown feedback_init {init!r}; available: random")
         if not scale > 0:
             raise ValueError(f"feedback_scale must be > 0, got {scale}")
         self.shapes = [torch.Size(s) for s in shapes]
@@ -88,6 +86,12 @@ class DirectFeedback(nn.Module):
         self.register_buffer("weight", torch.empty(num_classes, sum(self.sizes)))
         for B, n in zip(self.matrices, self.sizes):
             B.uniform_(-scale / math.sqrt(n), scale / math.sqrt(n), generator=generator)
+
+    @torch.no_grad()
+    def set_matrices(self, matrices: Sequence[Tensor]) -> None:
+        """Overwrite every ``B_i`` (e.g. with the downstream products, ``feedback_init="product"``)."""
+        for B, M in zip(self.matrices, matrices, strict=True):
+            B.copy_(M.reshape(B.shape))
 
     @property
     def matrices(self) -> list[Tensor]:
@@ -100,3 +104,36 @@ class DirectFeedback(nn.Module):
         s = v @ self.weight  # (N, n_1 + ... + n_k)
         # Each part is a strided view; splitting its contiguous last dim needs no copy.
         return [part.view(v.shape[0], *shape) for part, shape in zip(s.split(self.sizes, dim=1), self.shapes)]
+
+
+FEEDBACK_INITS = ("random", "product")
+
+
+def check_feedback_init(name: str) -> str:
+    if name not in FEEDBACK_INITS:
+        raise ValueError(f"unknown feedback_init {name!r}; available: {', '.join(FEEDBACK_INITS)}")
+    return name
+
+
+@torch.no_grad()
+def downstream_product(blocks: Sequence[nn.Module]) -> Tensor:
+    """The product ``W_L ... W_{i+1}`` of the Linear weights in ``blocks``, shape (C, n_i).
+
+    It is the network's map from a block's output to the logits with every activation
+    replaced by the identity: exactly BP's feedback in a linear network (LAS paper eq. 29), and
+    the paper's initial feedback for its alignment experiment. Defined for fully connected
+    blocks only: a Conv2d (or any other layer with parameters but Linear) has no such matrix.
+    """
+    product = None
+    for block in blocks:
+        for m in block.modules():
+            if isinstance(m, nn.Linear):
+                W = m.weight.detach()
+                product = W if product is None else W @ product
+            elif next(m.parameters(recurse=False), None) is not None:
+                raise ValueError(
+                    f"feedback_init='product' needs fully connected blocks downstream, found "
+                    f"{type(m).__name__}; use feedback_init='random' for conv/normalised models")
+    if product is None:
+        raise ValueError("no Linear layer downstream to take a product of")
+    return product.clone()  # a copy, never a view of W

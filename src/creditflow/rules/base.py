@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..mechanisms import block_output_shapes, get_loss, inject, run_cut
+from ..mechanisms import block_output_shapes, downstream_product, get_loss, inject, run_cut
 
 
 class StepResult(NamedTuple):
@@ -48,6 +48,31 @@ class Rule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def local_parameters(self) -> list[nn.Parameter]:
+        """Trainable tensors the rule owns beside the model (local modules, learned feedback)."""
+        in_model = {id(p) for p in self.model.parameters()}
+        return [p for p in self.parameters() if id(p) not in in_model]
+
+    def param_groups(self, local_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: the model, then the rule's own tensors (with their own lr if given).
+
+        ``torch.optim.Adam(rule.param_groups(local_lr=1e-3), lr=1e-4)``
+        """
+        in_local = {id(p) for p in self.local_parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in in_local]}]
+        if in_local:
+            groups.append({"params": self.local_parameters(), **({"lr": local_lr} if local_lr else {})})
+        return groups
+
+    def feedback_pairs(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{name: (B, reference)}`` for every feedback matrix this rule uses in place of BP's.
+
+        ``reference`` is what ``B`` replaces, in the same layout (``W`` for a feedback layer, the
+        downstream product for a direct rule), so the angle between the two measures weight
+        alignment. Rules with no such matrix return ``{}``.
+        """
+        return {}
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         logits = self.model(x)
@@ -88,9 +113,18 @@ class DirectRule(Rule):
     def hidden_output_shapes(self) -> list[torch.Size]:
         return block_output_shapes(self._hidden, self.input_shape)
 
+    def downstream_products(self) -> list[Tensor]:
+        """For hidden block i, ``W_L ... W_{i+1}`` over every block after it (MLPs only)."""
+        blocks = list(self.model.children())
+        return [downstream_product(blocks[i + 1:]) for i in range(len(self._hidden))]
+
     def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor | None]:
         """One signal per hidden block output (shape of ``outputs[i]``), or None for no update."""
         raise NotImplementedError
+
+    def local_loss(self, outputs: list[Tensor], logits: Tensor, target: Tensor) -> Tensor | None:
+        """A loss on rule-owned modules fed with detached block outputs (LAS/LTAS), or None."""
+        return None
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         outputs = run_cut(self._hidden, x)  # h_1 .. h_k, each block's input detached
@@ -98,7 +132,10 @@ class DirectRule(Rule):
         loss, e = self.loss.error(logits, y)  # e = dL/dlogits: (N, C), no graph
         with torch.no_grad():
             signals = self.signals(e, y, outputs)
-        inject([logits, *outputs], [e, *signals])
+        local = self.local_loss(outputs, logits, y)
+        extra = [(local, torch.ones_like(local))] if local is not None else []
+        # One backward: the model's blocks from their signals, local modules from their own loss.
+        inject([logits, *outputs, *(t for t, _ in extra)], [e, *signals, *(g for _, g in extra)])
         return StepResult(loss, logits.detach())
 
 

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from ..mechanisms import DirectFeedback
+from ..mechanisms import DirectFeedback, check_feedback_init
 from ..registry import register_rule
 from .base import DirectRule, placement
 
@@ -19,8 +19,10 @@ class DFA(DirectRule):
        blocks ``B_i`` maps ``e`` to the block's (C, H, W)), then back-propagates it inside itself.
 
     Args:
-        feedback_init: ``"random"``: uniform in ``±feedback_scale/sqrt(n_i)``, n_i the block size.
-        feedback_scale: see above.
+        feedback_init: ``"random"``: uniform in ``±feedback_scale/sqrt(n_i)``, n_i the block size;
+            ``"product"``: ``B_i = W_L ... W_{i+1}`` from the initial forward weights (fully
+            connected models only), the LAS paper's choice for its alignment experiment.
+        feedback_scale: see above (random init only).
         seed: seeds ``B`` independently of the global RNG (None: use the global RNG).
 
     Differences from the paper: the signal enters at the block output ``h_i``, so
@@ -31,9 +33,19 @@ class DFA(DirectRule):
                  input_shape=None, feedback_init: str = "random", feedback_scale: float = 1.0,
                  seed: int | None = None):
         super().__init__(model, num_classes, loss, input_shape)
+        check_feedback_init(feedback_init)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.feedback = DirectFeedback(self.hidden_output_shapes(), num_classes, feedback_scale,
-                                       feedback_init, gen).to(**placement(model))
+                                       gen).to(**placement(model))
+        if feedback_init == "product":
+            self.feedback.set_matrices(self.downstream_products())
+
+    def feedback_pairs(self):
+        try:
+            products = self.downstream_products()
+        except ValueError:  # conv blocks: no matrix to compare with
+            return {}
+        return {f"block{i}": pair for i, pair in enumerate(zip(self.feedback.matrices, products))}
 
     def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor]:
         return self.feedback(e)

@@ -30,3 +30,6 @@ class FA(Rule):
         if not feedback_scale > 0:
             raise ValueError(f"feedback_scale must be > 0, got {feedback_scale}")
         self.layers = attach_feedback(model, lambda layer: random_like_init(layer, feedback_scale))
+
+    def feedback_pairs(self):
+        return {f"layer{i}": (layer.feedback, layer.weight.detach()) for i, layer in enumerate(self.layers)}

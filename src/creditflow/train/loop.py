@@ -37,10 +37,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    """``params``: tensors or param groups (``rule.param_groups``)."""
     params = list(params)
+    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
     # The fused kernels do the same update in one pass; on CPU PyTorch's default is a per-tensor
     # loop that costs as much as DFA's whole backward on an MLP (docs/benchmarks.md).
-    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in tensors)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -61,7 +63,7 @@ def build_run(cfg: RunConfig, splits, device: torch.device):
     model = models.build(cfg.model, input_shape=splits.shape, num_classes=splits.num_classes,
                          **cfg.model_options)
     rule = rules.build(cfg.rule, model, splits.num_classes, **cfg.rule_options).to(device)
-    opt = make_optimizer(cfg, rule.parameters())
+    opt = make_optimizer(cfg, rule.param_groups(local_lr=cfg.local_lr))
     return rule, opt, make_scheduler(cfg, opt)
 
 

@@ -1,0 +1,69 @@
+"""Local modules: small trained networks on a block's detached output.
+
+A local module reads ``h_i`` (cut from the graph, so its loss never reaches the block) and is
+trained on a local objective. LAS/LTAS then use the module's *backward* as the block's feedback:
+the block receives the vector-Jacobian product of the module at ``h_i`` applied to the output
+error ``e``. Both modules here are linear in ``h``, so that product does not depend on ``h`` and
+has a closed form (no autograd call in the hot path):
+
+- ``LinearLocal`` (fully connected blocks, LAS eq. 19): ``y = B^T h``, feedback ``B e``.
+- ``ConvLocal`` (conv blocks, LAS Sec. III.C): one k x k convolution to C planes, then global
+  average pooling; feedback is the transposed ("flipped-kernel") convolution of ``e`` spread
+  evenly over the block's H x W positions.
+
+References: Yang, Lee & Park 2024, Sec. III (LAS/LTAS).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class LinearLocal(nn.Module):
+    """``y_i = B^T h_i`` with ``weight`` = B^T stored as (C, n_i), no bias (as the paper)."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int):
+        super().__init__()
+        self.shape = torch.Size(shape)
+        n = math.prod(self.shape)
+        self.weight = nn.Parameter(torch.empty(num_classes, n).uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n)))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h.flatten(1) @ self.weight.T  # (N, C)
+
+    def feedback(self, e: Tensor) -> Tensor:
+        """VJP at any h: ``e @ weight``, shaped like the block output."""
+        return (e @ self.weight).view(e.shape[0], *self.shape)
+
+
+class ConvLocal(nn.Module):
+    """A k x k convolution from the block's d planes to C planes, then global average pooling."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int, kernel_size: int = 3):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"local conv kernel_size must be odd (same padding), got {kernel_size}")
+        self.shape = torch.Size(shape)  # (d, H, W)
+        self.padding = kernel_size // 2
+        d = self.shape[0]
+        bound = 1 / math.sqrt(d * kernel_size * kernel_size)  # PyTorch's Conv2d default range
+        self.weight = nn.Parameter(torch.empty(num_classes, d, kernel_size, kernel_size).uniform_(-bound, bound))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.conv2d(h, self.weight, padding=self.padding).mean((2, 3))  # (N, C)
+
+    def feedback(self, e: Tensor) -> Tensor:
+        """VJP at any h: the pooling spreads ``e`` over H x W, the conv's adjoint is conv_transpose."""
+        _, H, W = self.shape
+        spread = (e / (H * W))[:, :, None, None].expand(-1, -1, H, W)
+        return F.conv_transpose2d(spread, self.weight, padding=self.padding)  # (N, d, H, W)
+
+
+def local_module(shape: Sequence[int], num_classes: int, kernel_size: int = 3) -> nn.Module:
+    """The paper's module for a block output of ``shape``: conv+pool for (d, H, W), linear otherwise."""
+    return ConvLocal(shape, num_classes, kernel_size) if len(shape) == 3 else LinearLocal(shape, num_classes)

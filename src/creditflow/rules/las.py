@@ -1,0 +1,98 @@
+"""Direct feedback learned by local alignment support modules (LAS) and its target variant (LTAS)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..mechanisms import check_feedback_init, local_module
+from ..registry import register_rule
+from .base import DirectRule, placement
+
+
+def last_conv_kernel(block: nn.Module) -> int | None:
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].kernel_size[0] if convs else None
+
+
+@register_rule("las", summary="DFA whose feedback is learned by local modules mimicking the output a_L",
+               paper="Yang, Lee & Park 2024")
+class LAS(DirectRule):
+    """Learning with Local Alignment Support (LAS paper, Algorithm 1).
+
+    1. Forward; every block input is cut. Hidden block i (all but the last) carries a local
+       module ``y_i = B_i^T h_i`` (conv blocks: one conv to C planes + global average pooling).
+    2. ``e = dL/da_L``. The head and the last hidden block learn from ``e`` as in BP
+       (``delta_{L-1} = W_L^T e``, eq. 23).
+    3. Block i receives the module's backward applied to ``e`` (``B_i e``, eq. 24) at its output.
+    4. Each module learns on ``L_i = ||y_i - a_L||^2`` (eq. 20) from the detached ``h_i`` and
+       ``a_L``: the module's weights track the block's direct path to the output.
+
+    Args:
+        feedback_init: ``"random"`` (PyTorch's Linear/Conv2d init range) or ``"product"``
+            (module weights = ``W_L ... W_{i+1}`` at init; fully connected models only).
+        local_kernel_size: kernel of conv modules; default: that of the block's last conv.
+
+    Differences from the paper: gradient descent on the stated losses (the paper's printed
+    updates mix ``e = y* - y`` with a minus sign); ``L_i`` is averaged over the batch. The
+    modules are updated by the caller's optimizer with everything else (``rule.param_groups``
+    gives them their own learning rate), so the signal of a step uses the modules before that
+    step's update.
+    """
+
+    top_blocks = 2  # the last hidden block gets the true W_L^T e
+
+    def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
+                 feedback_init: str = "random", local_kernel_size: int | None = None):
+        super().__init__(model, num_classes, loss, input_shape)
+        check_feedback_init(feedback_init)
+        self.local = nn.ModuleList(
+            local_module(shape, num_classes, local_kernel_size or last_conv_kernel(block) or 3)
+            for shape, block in zip(self.hidden_output_shapes(), self._hidden)
+        ).to(**placement(model))
+        if feedback_init == "product":
+            for module, product in zip(self.local, self.downstream_products()):
+                with torch.no_grad():
+                    module.weight.copy_(product)
+
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor]:
+        return [module.feedback(e) for module in self.local]
+
+    def local_target(self, logits: Tensor, target: Tensor):
+        return logits.detach()  # a_L
+
+    def local_objective(self, y_i: Tensor, goal) -> Tensor:
+        return (y_i - goal).pow(2).sum(-1).mean()  # ||y_i - a_L||^2
+
+    def local_loss(self, outputs: list[Tensor], logits: Tensor, target: Tensor) -> Tensor | None:
+        if not outputs:
+            return None
+        goal = self.local_target(logits, target)
+        return sum(self.local_objective(m(h.detach()), goal) for m, h in zip(self.local, outputs))
+
+    def feedback_pairs(self):
+        try:
+            products = self.downstream_products()
+        except ValueError:  # conv blocks: no matrix to compare with
+            return {}
+        return {f"block{i}": (m.weight.detach(), p) for i, (m, p) in enumerate(zip(self.local, products))}
+
+
+@register_rule("ltas", summary="LAS with local modules trained on the target (softmax cross-entropy)",
+               paper="Yang, Lee & Park 2024")
+class LTAS(LAS):
+    """Learning with Local Target Alignment Support (LAS paper, Algorithm 2).
+
+    As LAS, but module i learns to predict the target: ``L_i = CE(softmax(y_i), y*)`` (eq. 26).
+    It needs no network output, so a module could update during the forward pass
+    (``needs_target_early``); here it updates with the caller's optimizer step.
+    """
+
+    needs_target_early = True
+
+    def local_target(self, logits: Tensor, target: Tensor):
+        return target
+
+    def local_objective(self, y_i: Tensor, goal) -> Tensor:
+        return F.cross_entropy(y_i, goal)
