@@ -1,6 +1,6 @@
 """Step time and activation memory of each rule against BP, in one process.
 
-    PYTHONPATH=src python benchmarks/step_time.py                    # cpu, all four rules
+    PYTHONPATH=src python benchmarks/step_time.py                    # cpu, every rule, mlp and conv3
     PYTHONPATH=src python benchmarks/step_time.py --device cuda --rules bp,dfa
 
 For each model, every rule gets its own copy of the same seeded weights, its own Adam, and the
@@ -48,6 +48,7 @@ from creditflow.registry import RULES
 MODELS = {
     "mlp": ("mlp:784-1024-1024-10", (1, 28, 28)),  # the MLP flattens (N, 1, 28, 28)
     "conv3": ("conv3", (3, 32, 32)),
+    "resnet18": ("resnet18", (3, 32, 32)),  # block-wise direct feedback for direct rules
 }
 OPTIMIZERS = {
     # PyTorch's default implementation: foreach on CUDA, a loop over tensors on CPU
@@ -233,7 +234,7 @@ def parse_rules(text: str) -> list[str]:
 
 
 @click.command()
-@click.option("--rules", "rules_text", default="bp,shallow,fa,dfa", show_default=True,
+@click.option("--rules", "rules_text", default="bp,shallow,fa,dfa,drtp,las,ltas", show_default=True,
               help="comma-separated rule names; BP must be among them for the ratio columns")
 @click.option("--models", "model_keys", default="mlp,conv3", show_default=True,
               help=f"comma-separated, from: {', '.join(MODELS)}")

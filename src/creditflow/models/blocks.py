@@ -47,8 +47,8 @@ class BlockNet(nn.Sequential):
         self.input_shape = tuple(int(d) for d in input_shape)
 
     @property
-    def hidden(self) -> nn.Sequential:
-        return self[:-1]
+    def hidden(self) -> list[nn.Module]:
+        return list(self)[:-1]  # not self[:-1]: slicing would rebuild a BlockNet without input_shape
 
     @property
     def head(self) -> nn.Module:

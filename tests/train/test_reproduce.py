@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from creditflow.data import sources
+from creditflow.train.reproduce import ReproduceOptions, available, cell_runs, load_preset, reproduce
+
+TINY_PRESET = """
+name: tiny
+title: "A tiny table"
+paper: "nobody 2024"
+rules: [bp, shallow, dfa]
+cells:
+  - {id: mini, dataset: fashion-mnist-mini, model: "mlp:784-16-16-10", paper: {bp: 0.8, dfa: 0.7}}
+  - {id: absent, dataset: svhn, model: "mlp:3072-16-10", paper: {bp: 0.9}}
+budgets:
+  full: {seeds: 3, epochs: 100}
+  quick: {seeds: 2, epochs: 1, max_steps_per_epoch: 3, batch_size: 32, lr: 0.001}
+"""
+
+
+@pytest.mark.parametrize("name", available())
+def test_packaged_presets_validate_and_name_only_reported_rules(name):
+    preset = load_preset(name)
+    assert preset.cells and set(preset.budgets) >= {"quick", "full"}
+    for cell in preset.cells:
+        assert set(cell.paper) <= set(preset.rules)
+        for budget in ("quick", "full"):
+            rules, configs = cell_runs(preset, cell, ReproduceOptions(budget=budget))
+            assert rules == [r for r in preset.rules if r in cell.paper]
+            assert all(c.batch_size == 64 and c.optimizer == "adam" for c in configs)
+            assert all(c.download == (budget == "full") for c in configs)
+
+
+def test_las_presets_hold_the_papers_numbers():
+    fc = {c.id: c.paper for c in load_preset("las-fc").cells}
+    assert fc["mnist"]["las"] == 0.9871 and fc["cifar100"]["bp"] == 0.3376
+    cnn = {c.id: c.paper for c in load_preset("las-cnn").cells}
+    assert cnn["cifar10-flip-conv3"]["shallow"] == 0.6668 and cnn["tiny-imagenet-rand-resnet18"]["las"] == 0.4678
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'las-xx'; available: .*las-cnn, las-fc"):
+        load_preset("las-xx")
+
+
+def test_quick_run_writes_report_and_skips_absent_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", [])
+    monkeypatch.setenv("CREDITFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CREDITFLOW_DATA", raising=False)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY_PRESET)
+    out = tmp_path / "out"
+    results = reproduce(str(preset), ReproduceOptions(budget="quick", out=str(out), device="cpu"), progress=False)
+    report = (out / "report.md").read_text()
+    assert "| mini | " in report and "(0.8000)" in report and "(0.7000)" in report
+    assert "| absent | skipped (0.9000) | – | – |" in report and "dataset 'svhn' not found" in report
+    runs = results["cells"]["mini"]["summaries"]
+    assert set(runs) == {"bp", "dfa"} and all(len(v) == 2 for v in runs.values())  # shallow not reported
+    assert (out / "mini" / "dfa" / "seed1" / "config.yaml").exists()
+    assert json.loads((out / "results.json").read_text())["budget"] == "quick"
