@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import types
 import typing
 from typing import Any
 
@@ -15,7 +16,9 @@ import click
 from pydantic import BaseModel
 
 from .registry import DATASETS, MODELS, RULES
+from .train.align import AlignConfig
 from .train.config import CompareConfig, RunConfig
+from .train.reproduce import ReproduceOptions
 
 SKIP = {"rule_options", "model_options"}
 
@@ -29,6 +32,9 @@ def schema_options(schema: type[BaseModel], exclude: set[str] = frozenset()):
                 continue
             flag = "--" + name.replace("_", "-")
             annotation = field.annotation
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+                annotation = args[0]  # Optional[int] -> int
             kwargs: dict[str, Any] = {"default": None, "help": field.description}
             if typing.get_origin(annotation) is typing.Literal:
                 kwargs["type"] = click.Choice(typing.get_args(annotation))
@@ -74,9 +80,14 @@ def resolve(schema, config_file, flags: dict[str, Any], rule_option=(), model_op
 
 
 def common(command):
+    command = click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint")(command)
+    return job_options(command)
+
+
+def job_options(command):
+    """What every job command takes besides its schema: a config file, quiet, rule and model options."""
     command = click.option("--config", "config_file", type=click.Path(dir_okay=False),
                            help="YAML file with any of these options")(command)
-    command = click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint")(command)
     command = click.option("--quiet", is_flag=True, help="no progress bar or epoch log")(command)
     command = click.option("--rule-option", multiple=True, metavar="KEY=VALUE",
                            help="extra rule argument, e.g. feedback_scale=0.5")(command)
@@ -131,6 +142,43 @@ def compare(config_file, resume, quiet, rule_option, model_option, **flags):
     cfg, rows = run_job(CompareConfig, run_compare, config_file, resume, quiet, rule_option, model_option, flags)
     click.echo(to_markdown(rows, cfg))
     click.echo(f"results in {cfg.out_dir()}/results.md, results.csv, results.json")
+
+
+@main.command()
+@job_options
+@schema_options(AlignConfig, exclude={"rule"})
+def align(config_file, quiet, rule_option, model_option, **flags):
+    """Train rules from one initialisation; measure each block's signal against BP's gradient (cosine)."""
+    from .train.align import align as run_align, to_markdown
+
+    def job(cfg, resume, progress):  # short runs: nothing to resume
+        try:
+            return run_align(cfg, progress=progress)
+        except ImportError as err:  # matplotlib missing: say how to get it, no traceback
+            raise click.ClickException(str(err)) from None
+
+    cfg, summary = run_job(AlignConfig, job, config_file, False, quiet, rule_option, model_option, flags)
+    click.echo(to_markdown(summary))
+    plots = ", alignment.png, alignment.svg" if cfg.plot else ""
+    click.echo(f"results in {cfg.out_dir()}/alignment.jsonl, alignment.csv, summary.json{plots}")
+
+
+@main.command()
+@click.argument("preset")
+@click.option("--quiet", is_flag=True, help="no progress bar or epoch log")
+@schema_options(ReproduceOptions)
+def reproduce(preset, quiet, **flags):
+    """Reproduce a paper table (PRESET: las-fc, las-cnn, or a preset .yaml); --budget quick|full."""
+    from .train.reproduce import available, reproduce as run_reproduce
+
+    opts = resolve(ReproduceOptions, None, flags)
+    progress = setup_logging(quiet)
+    try:
+        results = run_reproduce(preset, opts, progress=progress)
+    except ValueError as err:
+        raise click.ClickException(f"{err} (presets: {', '.join(available())})") from None
+    click.echo(results["report"])
+    click.echo(f"results in {opts.out or f'runs/reproduce-{preset}-{opts.budget}'}/report.md, results.json")
 
 
 def listing(registry):

@@ -58,3 +58,10 @@ def test_compare_writes_a_table(tmp_path):
     assert rows[0]["memory_vs_bp"] == 1.0 and 0 < rows[1]["memory_vs_bp"] <= 1.0  # saved-for-backward bytes on CPU
     assert "| dfa |" in (tmp_path / "results.md").read_text() and "| dfa |" in result.output
     assert (tmp_path / "results.csv").read_text().startswith("rule,seeds,test_acc_mean")
+
+
+def test_reproduce_command_rejects_unknown_presets_and_budgets():
+    result = CliRunner().invoke(main, ["reproduce", "las-xx", "--quiet"])
+    assert result.exit_code == 1 and "unknown preset 'las-xx'" in result.output
+    result = CliRunner().invoke(main, ["reproduce", "las-fc", "--budget", "huge"])
+    assert result.exit_code == 2 and "'quick'" in result.output and "'full'" in result.output

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -69,3 +71,27 @@ def test_attach_feedback_swaps_layers_and_shares_parameters_not_storage():
 def test_attach_feedback_rejects_model_without_layers():
     with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
         attach_feedback(nn.Sequential(nn.ReLU()), lambda layer: layer.weight)
+
+
+def test_plain_copy_turns_feedback_layers_back_into_plain_layers():
+    from creditflow.mechanisms.feedback import plain_copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), nn.ReLU(), nn.Flatten()),
+                          nn.Linear(4 * 3 * 3, 3, bias=False)).double()
+    reference = copy.deepcopy(model)
+    layers = attach_feedback(model, lambda layer: torch.randn_like(layer.weight))  # B != W
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    plain = plain_copy(model)
+    assert isinstance(plain[0][0], nn.Conv2d) and isinstance(plain[1], nn.Linear) and plain[1].bias is None
+    assert isinstance(model[0][0], FeedbackConv2d) and model[0][0] is layers[0]  # the original is untouched
+    assert all(p.grad is None for p in plain.parameters())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(plain.parameters(), model.parameters()))
+    plain(x).sum().backward()  # BP: the same gradients as the model before feedback was attached
+    reference(x).sum().backward()
+    for p, q in zip(plain.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert isinstance(plain_copy(layers[1]), nn.Linear)

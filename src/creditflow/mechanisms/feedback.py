@@ -17,6 +17,7 @@ References: PyTorch note "Extending torch.autograd"; Lillicrap et al. 2016 (FA).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -163,3 +164,45 @@ def random_like_init(layer: nn.Module, scale: float = 1.0) -> Tensor:
     b = torch.empty_like(layer.weight)
     nn.init.kaiming_uniform_(b, a=5 ** 0.5)
     return b.mul_(scale)
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every feedback layer turned back into ``nn.Linear``/``nn.Conv2d``.
+
+    The copy's layers hold copies of the weights (``requires_grad`` as in ``model``) and back-propagate
+    with ``W``: plain BP on the same network, e.g. the reference of the alignment tool. ``model``
+    itself is untouched; gradients already in ``.grad`` are not copied.
+    """
+    grads = {p: p.grad for p in model.parameters()}
+    for p in grads:  # deepcopy would copy every .grad too: memory the copy has no use for
+        p.grad = None
+    try:
+        twin = copy.deepcopy(model)
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, FeedbackLinear):
+                plain: nn.Module = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                             device="meta")
+            elif isinstance(child, FeedbackConv2d):
+                out_c, in_per_group, *kernel = child.weight.shape
+                stride, padding, dilation, groups = child.conv
+                plain = nn.Conv2d(in_per_group * groups, out_c, tuple(kernel), stride, padding, dilation, groups,
+                                  bias=child.bias is not None, device="meta")
+            else:
+                visit(child)
+                continue
+            # The copy's Parameters move over as they are; the meta placeholders never allocate.
+            plain.weight, plain.bias = child.weight, child.bias
+            plain.train(child.training)
+            setattr(parent, name, plain)
+
+    if isinstance(twin, (FeedbackLinear, FeedbackConv2d)):  # a bare layer, not a container
+        holder = nn.Sequential(twin)
+        visit(holder)
+        return holder[0]
+    visit(twin)
+    return twin

@@ -12,7 +12,7 @@ import logging
 import statistics
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -66,10 +66,10 @@ def load_preset(name: str) -> Preset:
 class ReproduceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    budget: str = Field("quick", pattern="^(quick|full)$", description="quick (laptop CPU) or full (the paper's protocol)")
+    budget: Literal["quick", "full"] = Field("quick", description="quick (laptop CPU) or full (the paper's protocol)")
     data_dir: str | None = Field(None, description="folder holding the datasets")
     out: str | None = Field(None, description="output folder (default runs/reproduce-<preset>-<budget>)")
-    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="training device")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
     seeds: int | None = Field(None, ge=1, description="override the budget's number of seeds")
     cells: str | None = Field(None, description="comma-separated cell ids to run (default: all)")
 

@@ -1,0 +1,284 @@
+"""Train rules from one initialisation and track how their signals align with BP (LAS paper, Fig. 4).
+
+Every rule is built exactly as ``train`` builds it (same seed: same initial weights, same batches);
+at steps 0, ``every``, 2 ``every``, ... and after the last step, :func:`creditflow.diagnostics.measure`
+compares the signal each hidden block receives with BP's gradient on the current batch. Writes
+``alignment.jsonl`` (one line per rule, measurement and block), ``alignment.csv``, ``summary.json``,
+``config.yaml`` and the plots ``alignment.{png,svg}`` (cosine per block against the step, one line
+per rule) and, when a rule has feedback matrices, ``alignment-weights.{png,svg}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import Field, field_validator
+from tqdm.auto import tqdm
+
+from .. import data
+from ..diagnostics import measure
+from ..registry import RULES
+from .checkpoint import atomic_write, write_json, write_text
+from .config import RunConfig, registered
+from .loop import NonFiniteLoss, build_run, evaluate, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def parse_rule_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"dfa:feedback_init=product:seed=3"`` -> ``("dfa", {"feedback_init": "product", "seed": 3})``."""
+    name, *pairs = [part.strip() for part in spec.split(":")]
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad rule spec {spec!r}: expected name:key=value[:key=value], got {pair!r}")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    return registered(RULES, name), options
+
+
+class AlignConfig(RunConfig):
+    """Several rules, one model and dataset, alignment with BP measured while training."""
+
+    rules: list[str] = Field(default_factory=lambda: ["dfa"],
+                             description="rules to measure, comma-separated; per-rule options after colons, "
+                                         "e.g. dfa:feedback_init=product,fa")
+    every: int = Field(50, ge=1, description="training steps between measurements")
+    plot: bool = Field(True, description="write alignment.png/.svg (needs matplotlib)")
+    out: str | None = Field(None, description="output folder (default runs/align-<dataset>)")
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules(cls, v):
+        specs = [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else [str(s) for s in v]
+        if not specs:
+            raise ValueError("rules must name at least one rule")
+        for spec in specs:
+            parse_rule_spec(spec)
+        if len(set(specs)) < len(specs):
+            raise ValueError(f"rules must differ (each is a line in the plot), got {', '.join(specs)}")
+        return specs
+
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/align-{self.dataset}")
+
+    def run(self, spec: str) -> RunConfig:
+        """The run of one rule: ``rule_options`` for every rule, then the spec's own options."""
+        name, options = parse_rule_spec(spec)
+        fields = self.model_dump(exclude={"rules", "every", "plot", "out", "rule", "rule_options"})
+        return RunConfig(**fields, rule=name, rule_options={**self.rule_options, **options},
+                         out=str(self.out_dir()))
+
+
+def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train every rule in ``cfg.rules``, measuring alignment; write the results and return the summary."""
+    if cfg.plot:
+        pyplot_figure()  # fail before training, not after
+    out = cfg.out_dir()
+    device = resolve_device(cfg.device)
+    splits = data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                       val_fraction=cfg.val_fraction, seed=cfg.seed)
+    for spec in cfg.rules:  # bad rule options fail now, not after the first rule has trained
+        build_run(cfg.run(spec), splits, device)
+    out.mkdir(parents=True, exist_ok=True)
+    config = cfg.model_dump(mode="json", exclude={"rule"})  # `rules` says which
+    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {"config": config, "rules": {}}
+    for spec in cfg.rules:
+        rule_rows, test_acc = train_and_measure(spec, cfg, splits, device, progress)
+        rows += rule_rows
+        summary["rules"][spec] = summarize(rule_rows, test_acc)
+        write_results(out, rows, summary)  # after each rule: a killed run keeps the finished ones
+    if cfg.plot:
+        for name, fig in plot_alignment(rows).items():
+            for ext in ("png", "svg"):
+                save_figure(fig, out / f"{name}.{ext}")
+    return summary
+
+
+def train_and_measure(spec: str, cfg: AlignConfig, splits, device, progress: bool):
+    run = cfg.run(spec)
+    rule, opt, sched = build_run(run, splits, device)
+    augment = data.augment.build(cfg.augment)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same batches for every rule
+    steps = math.ceil(len(splits.train) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    rows: list[dict[str, Any]] = []
+    step = 0
+    test_acc = None
+    x = y = None
+    for epoch in range(1, cfg.epochs + 1):
+        rule.train()
+        loss_sum = torch.zeros((), device=device)
+        seen = 0
+        bar = tqdm(total=steps, desc=f"{spec} epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress)
+        for n, (xb, yb) in enumerate(data.batches(splits.train, cfg.batch_size, shuffle=True, generator=gen)):
+            if n == steps:
+                break
+            x, y = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            x = splits.normalize(augment(x, generator=gen))
+            if step % cfg.every == 0:
+                rows += records(spec, epoch, step, measure(rule, x, y))
+            result = rule.step(x, y)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum += result.loss * len(y)  # on device: no sync per step
+            seen += len(y)
+            step += 1
+            bar.update()
+        bar.close()
+        if sched is not None:
+            sched.step()
+        train_loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"{spec}, epoch {epoch}: training loss is {train_loss}; try a smaller --lr")
+        test_acc = evaluate(rule.model, splits.test, splits, device, cfg.eval_batch_size)
+        last = {r["block"]: r["cosine"] for r in rows if r["step"] == rows[-1]["step"]} if rows else {}
+        log.info("%s epoch %d: loss %.4f test %s cosine %s", spec, epoch, train_loss, fmt(test_acc),
+                 " ".join(f"block{b} {fmt(c)}" for b, c in last.items()))
+    if x is not None:  # the trained network too (step = number of updates), on the last batch
+        rows += records(spec, cfg.epochs, step, measure(rule, x, y))
+    return rows, test_acc
+
+
+def records(spec: str, epoch: int, step: int, result) -> list[dict[str, Any]]:
+    angles = {k: finite_or_none(v) for k, v in result.weight_angle_deg.items()}
+    return [{"rule": spec, "epoch": epoch, "step": step, "block": i, "cosine": finite_or_none(c),
+             "weight_angle_deg": angles} for i, c in enumerate(result.block_cosine)]
+
+
+def finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None  # JSON has no NaN
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def summarize(rows: list[dict[str, Any]], test_acc: float | None) -> dict[str, Any]:
+    """Per block: the cosine at step 0 and its mean over the last epoch's measurements."""
+    last_epoch = max(r["epoch"] for r in rows)
+    blocks = sorted({r["block"] for r in rows})
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.fmean(values) if values else None
+
+    return {
+        "test_acc": test_acc,
+        "steps": max(r["step"] for r in rows),
+        "first_cosine": [mean(r["cosine"] for r in rows if r["block"] == b and r["step"] == 0) for b in blocks],
+        "last_epoch_cosine": [mean(r["cosine"] for r in rows if r["block"] == b and r["epoch"] == last_epoch)
+                              for b in blocks],
+        "last_weight_angle_deg": rows[-1]["weight_angle_deg"],
+    }
+
+
+def to_markdown(summary: dict[str, Any]) -> str:
+    rules = summary["rules"]
+    n = max(len(s["first_cosine"]) for s in rules.values())
+    lines = ["Cosine with BP per hidden block: at step 0 -> mean over the last epoch's measurements.", "",
+             "| rule | test acc | " + " | ".join(f"block {b}" for b in range(n)) + " |",
+             "|---|---|" + "---|" * n]
+    for spec, s in rules.items():
+        cells = [f"{fmt(a)} -> {fmt(b)}" for a, b in zip(s["first_cosine"], s["last_epoch_cosine"])]
+        lines.append(f"| {spec} | {fmt(s['test_acc'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    names = sorted({k for r in rows for k in r["weight_angle_deg"]})
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["rule", "epoch", "step", "block", "cosine", *(f"weight_angle_deg.{k}" for k in names)])
+    for r in rows:
+        angles = r["weight_angle_deg"]
+        writer.writerow([r["rule"], r["epoch"], r["step"], r["block"], "" if r["cosine"] is None else r["cosine"],
+                         *("" if angles.get(k) is None else angles[k] for k in names)])
+    return buf.getvalue()
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    write_text(out / "alignment.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(out / "alignment.csv", to_csv(rows))
+    write_json(out / "summary.json", summary)
+
+
+def pyplot_figure():
+    """matplotlib's ``Figure`` class (no pyplot: no global backend or figure state is touched)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("plotting alignment needs matplotlib: pip install 'creditflow[plot]' "
+                          "(or pass --no-plot for the JSONL/CSV only)") from None
+    return Figure
+
+
+def save_figure(fig, path: Path) -> None:
+    fmt_ = path.suffix[1:]
+    # No date or software stamps: the same results give the same files.
+    metadata = {"Date": None} if fmt_ == "svg" else {"Software": None}
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt_, dpi=110, bbox_inches="tight", metadata=metadata))
+
+
+def plot_alignment(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"alignment": figure}`` (one panel per block) plus ``"alignment-weights"`` if there are angles."""
+    Figure = pyplot_figure()
+    rules = list(dict.fromkeys(r["rule"] for r in rows))
+    color = {spec: f"C{k % 10}" for k, spec in enumerate(rules)}  # one colour per rule in every panel
+    blocks = sorted({r["block"] for r in rows})
+    ncols = min(len(blocks), 3)
+    nrows = math.ceil(len(blocks) / ncols)
+    fig = Figure(figsize=(4.2 * ncols + 1.8, 3.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).flatten()
+    handles = {}
+    for ax, b in zip(axes, blocks):
+        for spec in rules:
+            pts = [(r["step"], r["cosine"]) for r in rows if r["rule"] == spec and r["block"] == b
+                   and r["cosine"] is not None]  # none: the block gets no signal (Shallow)
+            if pts:
+                (handles[spec],) = ax.plot(*zip(*pts), color=color[spec], marker="o", markersize=2.5,
+                                           linewidth=1.2, label=spec)
+        ax.axhline(0.0, color="0.6", linewidth=0.6, linestyle="--")
+        ax.set_title(f"block {b}" + (" (first hidden)" if b == 0 else ""))
+        ax.set_xlabel("training step")
+        ax.set_ylabel("cosine with BP gradient")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(blocks):]:
+        ax.set_visible(False)
+    axes[0].set_ylim(top=1.05)
+    fig.legend([handles[s] for s in rules if s in handles], [s for s in rules if s in handles],
+               loc="outside right upper", fontsize="small")
+    figures = {"alignment": fig}
+
+    pairs = sorted({(r["rule"], k) for r in rows for k in r["weight_angle_deg"]},
+                   key=lambda p: (rules.index(p[0]), p[1]))
+    if pairs:
+        wfig = Figure(figsize=(7.0, 3.6), layout="constrained")
+        ax = wfig.subplots()
+        styles = ("-", "--", ":", "-.")
+        for spec, k in pairs:
+            pts = sorted({(r["step"], r["weight_angle_deg"][k]) for r in rows
+                          if r["rule"] == spec and r["weight_angle_deg"].get(k) is not None})
+            if pts:
+                style = styles[[p for p in pairs if p[0] == spec].index((spec, k)) % len(styles)]
+                ax.plot(*zip(*pts), color=color[spec], linestyle=style, marker="o", markersize=2.0,
+                        linewidth=1.2, label=f"{spec} {k}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("angle between B and its reference (deg)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        wfig.legend(loc="outside right upper", fontsize="small")
+        figures["alignment-weights"] = wfig
+    return figures

@@ -1,0 +1,83 @@
+import csv
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from creditflow.cli import main
+
+# 2 epochs x 3 steps, measured before steps 0, 2, 4 and after the last (step 6): 4 measurements.
+TINY = ["--model", "mlp:784-16-16-10", "--epochs", "2", "--max-steps-per-epoch", "3", "--every", "2",
+        "--batch-size", "16", "--eval-batch-size", "500", "--device", "cpu", "--quiet"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_align_writes_one_jsonl_line_per_rule_measurement_and_block(tmp_path):
+    result = run("align", "--rules", "bp,dfa,dfa:feedback_init=product", "--no-plot", "--out", str(tmp_path), *TINY)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "alignment.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 4 * 2  # one line per (rule, measurement, block)
+    assert sorted({r["step"] for r in rows}) == [0, 2, 4, 6]
+    assert {(r["rule"], r["block"]) for r in rows} == {
+        (rule, b) for rule in ("bp", "dfa", "dfa:feedback_init=product") for b in (0, 1)}
+    assert all(abs(r["cosine"] - 1) < 1e-5 for r in rows if r["rule"] == "bp")
+    assert all(r["cosine"] < 0.99 for r in rows if r["rule"] == "dfa" and r["block"] == 0)
+    first = next(r for r in rows if r["rule"] == "dfa:feedback_init=product")
+    assert first["weight_angle_deg"]["block0"] < 1e-3  # B_0 = W_2 W_1 at step 0
+    with open(tmp_path / "alignment.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and table[0]["rule"] == "bp" and "weight_angle_deg.block0" in table[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["rules"]) == ["bp", "dfa", "dfa:feedback_init=product"]
+    assert "| dfa |" in result.output and "alignment.jsonl" in result.output
+    assert not (tmp_path / "alignment.png").exists()
+
+
+def test_align_plots_png_and_svg(tmp_path):
+    pytest.importorskip("matplotlib")  # the `plot` extra
+    result = run("align", "--rules", "bp,fa", "--out", str(tmp_path), *TINY)
+    assert result.exit_code == 0, result.output
+    for name in ("alignment", "alignment-weights"):  # weights: FA has feedback matrices
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in (tmp_path / f"{name}.svg").read_bytes()[:1000]
+    assert "alignment.png" in result.output
+
+
+def test_every_rule_starts_from_the_same_weights_and_batches(tmp_path):
+    result = run("align", "--rules", "bp,fa", "--no-plot", "--out", str(tmp_path), *TINY)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "alignment.jsonl").read_text().splitlines()]
+    assert all(r["cosine"] == 1.0 or r["rule"] != "bp" for r in rows)
+    again = tmp_path / "again"
+    assert run("align", "--rules", "fa", "--no-plot", "--out", str(again), *TINY).exit_code == 0
+    fa = [r for r in rows if r["rule"] == "fa"]
+    assert fa == [json.loads(line) for line in (again / "alignment.jsonl").read_text().splitlines()]
+
+
+def test_bad_rule_names_and_specs_are_usage_errors(tmp_path):
+    result = CliRunner().invoke(main, ["align", "--rules", "bp,dfaa", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown rule 'dfaa'" in result.output and "closest: dfa" in result.output
+    result = CliRunner().invoke(main, ["align", "--rules", "dfa:feedback_init", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "expected name:key=value" in result.output
+    result = CliRunner().invoke(main, ["align", "--rules", "dfa,dfa", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "rules must differ" in result.output
+    result = CliRunner().invoke(main, ["align", "--resume"])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_bad_rule_options_fail_before_any_training(tmp_path):
+    result = CliRunner().invoke(main, ["align", "--rules", "bp,fa:feedback_init=product", "--out", str(tmp_path),
+                                       *TINY])
+    assert result.exit_code == 1 and "bad options for rule 'fa'" in result.output
+    assert not (tmp_path / "alignment.jsonl").exists()
+
+
+def test_missing_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    result = CliRunner().invoke(main, ["align", "--out", str(tmp_path), *TINY])
+    assert result.exit_code == 1 and "pip install 'creditflow[plot]'" in result.output
+    assert "--no-plot" in result.output
