@@ -152,3 +152,21 @@ def test_drtp_projects_the_target_not_the_error():
     rule2.feedback.weight.copy_(rule.feedback.weight)
     rule2.step(x, y)
     torch.testing.assert_close(model2[0][0].weight.grad, model[0][0].weight.grad)
+
+
+def test_ltas_early_update_steps_the_modules_before_sending_their_feedback():
+    model = tiny_mlp(dims=(6, 5, 4, 3))
+    x, y = batch(model.input_shape)
+    ref_model = copy.deepcopy(model)
+    rule = cf.rules.build("ltas", model, num_classes=3, update_early=True, local_lr=0.5)
+    module = copy.deepcopy(rule.local[0])
+    assert not any(p is q for p in rule.parameters() for q in rule.local.parameters())
+    rule.step(x, y)
+    h1 = ref_model[0](x)
+    (g,) = torch.autograd.grad(F.cross_entropy(module(h1.detach()), y), module.weight)
+    updated = module.weight.detach() - 0.5 * g  # Algorithm 2, line 5, then line 14 with the new B
+    torch.testing.assert_close(rule.local[0].weight.detach(), updated)
+    logits = ref_model[2](ref_model[1](h1.detach()))
+    (gW,) = torch.autograd.grad(h1, ref_model[0][0].weight, output_error(logits.detach(), y) @ updated)
+    torch.testing.assert_close(model[0][0].weight.grad, gW)
+    assert rule.local[0].weight.grad is None

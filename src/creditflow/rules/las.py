@@ -85,14 +85,40 @@ class LTAS(LAS):
     """Learning with Local Target Alignment Support (LAS paper, Algorithm 2).
 
     As LAS, but module i learns to predict the target: ``L_i = CE(softmax(y_i), y*)`` (eq. 26).
-    It needs no network output, so a module could update during the forward pass
-    (``needs_target_early``); here it updates with the caller's optimizer step.
+    It needs no network output, so (Algorithm 2, line 5) a module may update *during the forward
+    pass*, before its block's signal is formed: with ``update_early=True`` the rule itself takes
+    one SGD step of size ``local_lr`` on each module, then sends the updated modules' feedback;
+    the modules then leave ``parameters()`` (the caller's optimizer does not touch them).
+    By default the modules step with the caller's optimizer, as in LAS.
     """
 
     needs_target_early = True
+
+    def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
+                 feedback_init: str = "random", local_kernel_size: int | None = None,
+                 update_early: bool = False, local_lr: float = 1e-3):
+        super().__init__(model, num_classes, loss, input_shape, feedback_init, local_kernel_size)
+        if update_early and not local_lr > 0:
+            raise ValueError(f"local_lr must be > 0 with update_early, got {local_lr}")
+        self.update_early, self.local_lr = update_early, local_lr
+
+    def parameters(self, recurse: bool = True):
+        own = {id(p) for p in self.local.parameters()} if self.update_early else set()
+        return (p for p in super().parameters(recurse) if id(p) not in own)
 
     def local_target(self, logits: Tensor, target: Tensor):
         return target
 
     def local_objective(self, y_i: Tensor, goal) -> Tensor:
         return F.cross_entropy(y_i, goal)
+
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor]:
+        if self.update_early and outputs:
+            with torch.enable_grad():  # the step computes signals under no_grad
+                params = list(self.local.parameters())
+                grads = torch.autograd.grad(super().local_loss(outputs, e, target), params)
+            torch._foreach_add_(params, grads, alpha=-self.local_lr)
+        return super().signals(e, target, outputs)
+
+    def local_loss(self, outputs: list[Tensor], logits: Tensor, target: Tensor) -> Tensor | None:
+        return None if self.update_early else super().local_loss(outputs, logits, target)
