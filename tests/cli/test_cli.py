@@ -65,3 +65,15 @@ def test_reproduce_command_rejects_unknown_presets_and_budgets():
     assert result.exit_code == 1 and "unknown preset 'las-xx'" in result.output
     result = CliRunner().invoke(main, ["reproduce", "las-fc", "--budget", "huge"])
     assert result.exit_code == 2 and "'quick'" in result.output and "'full'" in result.output
+
+
+def test_feedback_init_flag_reaches_direct_rules(tmp_path):
+    out = tmp_path / "dfa"
+    result = run("train", "--rule", "dfa", "--feedback-init", "product", "--out", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    assert "feedback_init: product" in (out / "config.yaml").read_text()
+    result = CliRunner().invoke(main, ["train", "--rule", "bp", "--feedback-init", "product", "--out",
+                                       str(tmp_path / "bp"), *TINY])
+    assert result.exit_code == 1 and "bad options for rule 'bp'" in result.output
+    result = CliRunner().invoke(main, ["train", "--feedback-init", "ones"])
+    assert result.exit_code == 2 and "'random'" in result.output and "'product'" in result.output

@@ -60,6 +60,8 @@ class RunConfig(DataConfig, OptimConfig):
 
     rule: str = Field("bp", description="credit-assignment rule (creditflow rules)")
     model: str = Field("mlp:784-1024-1024-10", description="model spec (creditflow models)")
+    feedback_init: Literal["random", "product"] | None = Field(
+        None, description="initial direct feedback of dfa/drtp/las/ltas: random, or product of the initial downstream weights")
     rule_options: dict[str, Any] = Field(default_factory=dict, description="extra rule arguments, key=value")
     model_options: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, key=value")
     seed: int = Field(0, ge=0, description="seed for init, split, data order and augmentation")
@@ -81,6 +83,11 @@ class RunConfig(DataConfig, OptimConfig):
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/{self.rule}-{self.dataset}-s{self.seed}")
+
+    def rule_arguments(self) -> dict[str, Any]:
+        """``rule_options`` plus the first-class rule flags that were set."""
+        extra = {"feedback_init": self.feedback_init} if self.feedback_init is not None else {}
+        return {**extra, **self.rule_options}
 
 
 class CompareConfig(RunConfig):

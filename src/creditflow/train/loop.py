@@ -62,7 +62,7 @@ def build_run(cfg: RunConfig, splits, device: torch.device):
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, input_shape=splits.shape, num_classes=splits.num_classes,
                          **cfg.model_options)
-    rule = rules.build(cfg.rule, model, splits.num_classes, **cfg.rule_options).to(device)
+    rule = rules.build(cfg.rule, model, splits.num_classes, **cfg.rule_arguments()).to(device)
     opt = make_optimizer(cfg, rule.param_groups(local_lr=cfg.local_lr))
     return rule, opt, make_scheduler(cfg, opt)
 
