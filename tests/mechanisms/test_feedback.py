@@ -95,3 +95,82 @@ def test_plain_copy_turns_feedback_layers_back_into_plain_layers():
     for p, q in zip(plain.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     assert isinstance(plain_copy(layers[1]), nn.Linear)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("train_W", [True, False])
+def test_trainable_feedback_gets_the_weight_gradient(kind, train_W):
+    torch.manual_seed(0)
+    if kind == "linear":
+        x, W0, g = (torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64),
+                    torch.randn(5, 4, dtype=torch.float64))
+        fn = lambda x, W, B: LinearFeedbackFn.apply(x, W, None, B, x)  # noqa: E731
+    else:
+        x, W0, g = (torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64),
+                    torch.randn(2, 4, 3, 3, dtype=torch.float64))
+        fn = lambda x, W, B: Conv2dFeedbackFn.apply(x, W, None, B, x, (2, 2), (1, 1), (1, 1), 1)  # noqa: E731
+    x.requires_grad_()
+    W = W0.clone().requires_grad_(train_W)
+    B = nn.Parameter(torch.randn_like(W0))
+    fn(x, W, B).backward(g)
+    W_ref = W0.clone().requires_grad_()
+    fn(x.detach(), W_ref, torch.randn_like(W0)).backward(g)  # delta a^T does not depend on B
+    torch.testing.assert_close(B.grad, W_ref.grad)
+    if train_W:
+        torch.testing.assert_close(W.grad, W_ref.grad)
+        assert W.grad.data_ptr() != B.grad.data_ptr()  # decay on one must not reach the other
+    else:
+        assert W.grad is None
+
+
+def test_feedback_computed_from_W_inside_the_graph_stays_a_constant():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    W = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 4, dtype=torch.float64)
+    LinearFeedbackFn.apply(x, W, None, W * 1.0, x).backward(g)  # B: a non-leaf that requires grad
+    torch.testing.assert_close(W.grad, g.T @ x)  # delta a^T only; nothing flows back through B
+
+
+def test_learn_feedback_turns_the_buffer_into_a_parameter_with_the_same_key():
+    from creditflow.mechanisms.feedback import learn_feedback
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.ReLU(), nn.Linear(8, 2))
+    layers = attach_feedback(model, lambda layer: torch.randn_like(layer.weight))
+    keys, values = set(model.state_dict()), [layer.feedback.clone() for layer in layers]
+    Bs = [learn_feedback(layer) for layer in layers]
+    assert set(model.state_dict()) == keys
+    assert all(isinstance(B, nn.Parameter) and B is layer.feedback for B, layer in zip(Bs, layers))
+    assert all(torch.equal(B, v) for B, v in zip(Bs, values))
+    assert not list(model.buffers()) and {id(B) for B in Bs} <= {id(p) for p in model.parameters()}
+    model(torch.randn(5, 1, 4, 4)).sum().backward()
+    for layer in layers:
+        torch.testing.assert_close(layer.feedback.grad, layer.weight.grad)
+
+
+def test_mirror_product_is_y_x_transpose_for_a_strided_dilated_grouped_conv():
+    from creditflow.mechanisms.feedback import mirror_product
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2).double()
+    (layer,) = attach_feedback(nn.Sequential(conv), lambda layer: layer.weight)
+    W = layer.weight.detach()
+    torch.manual_seed(1)
+    got = mirror_product(layer, 7, 0.5)
+    torch.manual_seed(1)
+    x = torch.randn(7, 4, 5, 5, dtype=torch.float64) * 0.5  # 5 = dilated extent of a 3x3 kernel
+    taps = x[:, :, ::2, ::2]  # (7, 4, 3, 3): the inputs each kernel tap sees
+    expected = torch.empty_like(W)
+    for group in range(2):
+        out, inp = slice(3 * group, 3 * group + 3), slice(2 * group, 2 * group + 2)
+        y = torch.einsum("ocij,kcij->ko", W[out], taps[:, inp])  # y_k = W x_k, no bias
+        expected[out] = torch.einsum("ko,kcij->ocij", y, taps[:, inp]) / 7
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(400, 300), nn.Conv2d(32, 64, 3, groups=2)])
+def test_init_std_is_the_std_of_random_like_init(layer):
+    from creditflow.mechanisms.feedback import init_std, random_like_init
+
+    torch.manual_seed(0)
+    assert abs(random_like_init(layer).std().item() / init_std(layer) - 1) < 0.02

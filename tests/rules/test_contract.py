@@ -13,8 +13,12 @@ MODELS = {"mlp": lambda: tiny_mlp(unused_parameter=False), "cnn": tiny_cnn, "cnn
 
 
 def buffers_to_keep(rule):
-    # Buffers other than BatchNorm statistics are feedback tensors and must not change.
-    return {k: v.clone() for k, v in rule.named_buffers() if "running" not in k and "num_batches" not in k}
+    # Buffers other than BatchNorm statistics are feedback tensors and must not change, except those
+    # a rule updates by design and names in ``mutable_buffers`` (sign symmetry's B follows W's sign,
+    # the weight mirror's B learns).
+    mutable = set(getattr(rule, "mutable_buffers", ()))
+    return {k: v.clone() for k, v in rule.named_buffers()
+            if "running" not in k and "num_batches" not in k and k.rsplit(".", 1)[-1] not in mutable}
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -35,6 +39,7 @@ def test_rule_contract(rule_name, model_name):
         opt.zero_grad()
     for k, v in buffers_to_keep(rule).items():
         assert torch.equal(v, fixed[k]), f"{rule_name} changed fixed buffer {k}"
+    assert all(torch.isfinite(v).all() for v in rule.buffers())
     # Inference is the plain model.
     model.eval()
     x, _ = batch(model.input_shape)

@@ -8,6 +8,8 @@ Forward is the ordinary layer. Backward computes
 so BP is ``B = W`` and FA is a fixed random ``B``. Sign-symmetry, Kolen-Pollack, weight mirror
 and activation sharing differ only in how ``B`` is made and updated and in which activation
 feeds ``grad_weight``: they reuse these layers and never subclass ``nn.Linear``/``nn.Conv2d``.
+``B`` is a buffer; :func:`learn_feedback` makes it a Parameter, whose gradient is then the weight
+gradient itself (Kolen-Pollack). :func:`mirror_product` is the weight mirror's noise probe.
 
 Shape convention: ``B`` has the shape of ``W``. In the papers' column-vector notation the
 feedback matrix is ``B^T`` (``delta_h = B_paper delta_a``), so "B = W^T" there is ``B = W`` here.
@@ -25,25 +27,46 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
+def _trainable(feedback: Tensor) -> bool:
+    # Only a leaf that requires grad (a Parameter) learns. A B computed from W inside the graph
+    # (say ``B.copy_(W)`` outside no_grad) is a constant here, as it always was: the weight gradient
+    # sent into it would flow on into W.
+    return feedback.requires_grad and feedback.is_leaf
+
+
+def _weight_and_feedback_grads(grad_w, need_w, need_B, grad_b):
+    """``(grad_weight, grad_bias, grad_feedback)`` in the Functions' argument order.
+
+    A trainable ``B`` (Kolen-Pollack) receives the weight gradient ``delta a^T`` itself: a copy when
+    ``W`` needs it too, so the two ``.grad`` never share storage (an in-place change to one, e.g.
+    weight decay, must not reach the other).
+    """
+    if not need_B:
+        return grad_w, grad_b, None
+    return (grad_w, grad_b, grad_w.clone()) if need_w else (None, grad_b, grad_w)
+
+
 class LinearFeedbackFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, a: Tensor):
         ctx.save_for_backward(feedback, a)
         ctx.has_bias = bias is not None
+        ctx.learn_B = _trainable(feedback)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         feedback, a = ctx.saved_tensors
+        need_w, need_B = ctx.needs_input_grad[1], ctx.learn_B and ctx.needs_input_grad[3]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ feedback  # (..., out) @ (out, in): the only line that differs from BP
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N*, out); a view for the usual 2-D case
-        if ctx.needs_input_grad[1]:
+        if need_w or need_B:
             grad_w = g.T @ a.reshape(-1, a.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b), None
 
 
 class Conv2dFeedbackFn(torch.autograd.Function):
@@ -53,6 +76,7 @@ class Conv2dFeedbackFn(torch.autograd.Function):
         ctx.x_shape = x.shape  # only the shape: x itself need not stay alive when a is not x
         ctx.conv = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
+        ctx.learn_B = _trainable(feedback)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -61,7 +85,9 @@ class Conv2dFeedbackFn(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         args = (stride, padding, dilation, False, (0, 0), groups)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_B = ctx.learn_B and ctx.needs_input_grad[3]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        want_w = need_w or need_B  # a trainable B gets the weight gradient too
         bias_sizes = [weight.shape[0]] if need_b else None
         contiguous = a.is_contiguous() and weight.is_contiguous() and feedback.is_contiguous()
         if a.shape == ctx.x_shape and contiguous:
@@ -69,18 +95,20 @@ class Conv2dFeedbackFn(torch.autograd.Function):
             # (a); grad_weight reads only the kernel's shape. Bitwise the two calls below, ~10%
             # faster on CPU for conv3's 5x5 convs. Other layouts (channels_last) take the two
             # calls, since the backend picks its kernel from the layouts of input and kernel.
-            return (*torch.ops.aten.convolution_backward(
-                grad_out, a, feedback, bias_sizes, *args, (need_x, need_w, need_b)),
-                None, None, None, None, None, None)
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, a, feedback, bias_sizes, *args, (need_x, want_w, need_b))
+            return (grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b),
+                    None, None, None, None, None)
         grad_x = grad_w = grad_b = None
         if need_x:
             grad_x = torch.ops.aten.convolution_backward(
                 grad_out, grad_out.new_empty(1).expand(ctx.x_shape), feedback, None, *args,
                 (True, False, False))[0]
-        if need_w or need_b:
+        if want_w or need_b:
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, a, weight, bias_sizes, *args, (False, need_w, need_b))
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+                grad_out, a, weight, bias_sizes, *args, (False, want_w, need_b))
+        return (grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b),
+                None, None, None, None, None)
 
 
 class FeedbackLinear(nn.Module):
@@ -164,6 +192,44 @@ def random_like_init(layer: nn.Module, scale: float = 1.0) -> Tensor:
     b = torch.empty_like(layer.weight)
     nn.init.kaiming_uniform_(b, a=5 ** 0.5)
     return b.mul_(scale)
+
+
+def init_std(layer: nn.Module) -> float:
+    """Standard deviation of :func:`random_like_init`: uniform in ``±1/sqrt(fan_in)``, so ``1/sqrt(3 fan_in)``."""
+    return (3 * layer.weight[0].numel()) ** -0.5  # weight[0]: one output unit's fan-in (in/groups * k * k)
+
+
+def learn_feedback(layer: FeedbackLayer) -> nn.Parameter:
+    """Turn the layer's ``B`` from a buffer into a Parameter (same values, same state-dict key).
+
+    The layer's backward then gives ``B`` the weight gradient ``delta a^T`` (Kolen-Pollack). ``B``
+    becomes a parameter of the model, so any optimizer over the model's parameters trains it.
+    """
+    layer.feedback = nn.Parameter(layer.feedback)  # nn.Module drops the buffer of the same name
+    return layer.feedback
+
+
+@torch.no_grad()
+def mirror_product(layer: FeedbackLayer, n: int, std: float) -> Tensor:
+    """One weight-mirror estimate of ``W`` (shape of ``W``): noise sent through the layer.
+
+    ``x``: ``n`` samples of i.i.d. ``N(0, std^2)`` inputs; ``y = W x`` (no bias); returns
+    ``y^T x / n``, whose expectation is ``std^2 W`` (``E[x x^T] = std^2 I``). For a Conv2d the
+    samples are noise images the size of the (dilated) kernel, so each gives one output position
+    and every kernel tap sees all ``n`` samples (no padding: ``E`` is exactly ``std^2 W``), and the
+    product is the conv weight gradient of ``x`` and ``y``. Noise comes from the global RNG.
+
+    References: Akrout et al. 2019, mirror mode (their eq. 7).
+    """
+    W = layer.weight
+    if isinstance(layer, FeedbackLinear):
+        x = torch.randn(n, W.shape[1], dtype=W.dtype, device=W.device).mul_(std)  # (n, in)
+        return (x @ W.T).T @ x / n  # y: (n, out); y^T x: (out, in)
+    _, _, dilation, groups = layer.conv
+    extent = [d * (k - 1) + 1 for d, k in zip(dilation, W.shape[2:])]
+    x = torch.randn(n, W.shape[1] * groups, *extent, dtype=W.dtype, device=W.device).mul_(std)
+    y = F.conv2d(x, W, None, 1, 0, dilation, groups)  # (n, out, 1, 1)
+    return torch.nn.grad.conv2d_weight(x, W.shape, y, 1, 0, dilation, groups) / n
 
 
 def plain_copy(model: nn.Module) -> nn.Module:

@@ -32,6 +32,8 @@ class Rule(nn.Module):
 
     #: a rule that can update blocks before the output exists (DRTP, LTAS) sets this
     needs_target_early = False
+    #: buffers the rule itself rewrites (sign-symmetric feedback tracks W); all others stay fixed
+    mutable_buffers: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy"):
         super().__init__()
