@@ -181,6 +181,37 @@ def reproduce(preset, quiet, **flags):
     click.echo(f"results in {opts.out or f'runs/reproduce-{preset}-{opts.budget}'}/report.md, results.json")
 
 
+@main.command()
+@click.option("--model", default="resnet18", show_default=True, help="model spec")
+@click.option("--rules", "rule_names", default="bp,fa,dfa", show_default=True, help="comma-separated rules")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="extra model argument, e.g. width=16")
+@click.option("--plot", type=click.Path(dir_okay=False), help="write the access bar chart (.png or .svg)")
+@click.option("--out", type=click.Path(dir_okay=False), help="write the rows as JSON")
+def memory(model, rule_names, batch_size, num_classes, device, model_option, plot, out):
+    """Memory per rule: bytes saved for backward (measured) and external memory accesses (modelled)."""
+    from .diagnostics.memory_model import memory_table, plot_access, to_markdown
+    from .train.checkpoint import write_json
+
+    names = [n.strip() for n in rule_names.split(",") if n.strip()]
+    for name in names:
+        if name not in RULES:
+            raise click.BadParameter(RULES.unknown_message(name), param_hint="--rules")
+    if plot and not plot.endswith((".png", ".svg")):
+        raise click.BadParameter(f"plot file must end in .png or .svg, got {plot!r}", param_hint="--plot")
+    try:
+        rows = memory_table(model, names, batch_size, num_classes, device, key_values(model_option, "--model-option"))
+        if plot:
+            plot_access(rows, model, plot)
+    except (ValueError, ImportError) as err:
+        raise click.ClickException(str(err)) from None
+    if out:
+        write_json(out, rows)
+    click.echo(to_markdown(rows, model, batch_size))
+
+
 def listing(registry):
     width = max(len(n) for n in registry.entries)
     for name in registry.available():

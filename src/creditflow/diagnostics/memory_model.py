@@ -1,0 +1,167 @@
+"""The external-memory-access model of the ASAP thesis (Woo 2023, ch. 6; after Mostafa et al.).
+
+On-chip memory is assumed to buffer one layer's input and output; everything else goes through
+external memory:
+
+    forward:  (reads, writes) = (Param, Act)              (eq. 6.1)
+    backward: (reads, writes) = (Param + Act, Param)      (eq. 6.2; the thesis prints "Aaram")
+
+``Param`` counts the trained weights; ``Act`` counts the activations a rule keeps for its
+backward, which is where rules differ: BP keeps every weight layer's input, activation sharing
+keeps only the shared ones. ``Act`` is read off the model, not assumed: a forward pass records,
+for every Linear/Conv2d (plain or feedback layer), the tensor that will feed its weight gradient
+(the layer input, or the layer's ``activation_override``), and distinct storages are summed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..mechanisms.feedback import FeedbackConv2d, FeedbackLinear
+
+WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, FeedbackLinear, FeedbackConv2d)
+
+
+@dataclass(frozen=True)
+class MemoryAccess:
+    """Element counts (not bytes) of one training step of a batch."""
+
+    params: int
+    activations: int
+
+    @property
+    def forward_reads(self) -> int:
+        return self.params
+
+    @property
+    def forward_writes(self) -> int:
+        return self.activations
+
+    @property
+    def backward_reads(self) -> int:
+        return self.params + self.activations
+
+    @property
+    def backward_writes(self) -> int:
+        return self.params
+
+    @property
+    def total(self) -> int:
+        return self.forward_reads + self.forward_writes + self.backward_reads + self.backward_writes
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "forward_reads": self.forward_reads, "forward_writes": self.forward_writes,
+                "backward_reads": self.backward_reads, "backward_writes": self.backward_writes, "total": self.total}
+
+
+def weight_gradient_inputs(rule: nn.Module, x: torch.Tensor) -> int:
+    """Elements of the distinct tensors that feed the weight layers' gradients in one step on ``x``.
+
+    The step runs on a copy of the rule (a rule may choose a layer's activation during its own
+    step, as activation sharing does), with targets of class 0; the rule is left untouched.
+    """
+    rule = copy.deepcopy(rule)
+    model = rule.model
+    seen: dict[int, int] = {}
+
+    def record(module, inputs, output):
+        override = getattr(module, "activation_override", None)
+        a = inputs[0] if override is None else override
+        key = a.untyped_storage().data_ptr()
+        seen[key] = max(seen.get(key, 0), a.numel())
+
+    handles = [m.register_forward_hook(record) for m in model.modules()
+               if isinstance(m, WEIGHT_LAYERS) and any(p.requires_grad for p in m.parameters())]
+    try:
+        rule.step(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(seen.values())
+
+
+def external_memory_access(rule: nn.Module, input_shape, batch_size: int = 1) -> MemoryAccess:
+    """The thesis's access counts for one training step of ``rule`` on ``batch_size`` inputs."""
+    params = sum(p.numel() for p in rule.model.parameters() if p.requires_grad)
+    p = next(rule.model.parameters())
+    x = torch.zeros(batch_size, *input_shape, device=p.device, dtype=p.dtype)
+    return MemoryAccess(params=params, activations=weight_gradient_inputs(rule, x))
+
+
+def memory_table(model: str, rules: list[str], batch_size: int = 64, num_classes: int = 10,
+                 device: str = "cpu", model_options: dict | None = None, seed: int = 0) -> list[dict]:
+    """Measured (bytes saved for backward, CUDA peak) and modelled (ch. 6) memory per rule.
+
+    Every rule wraps its own copy of the same seeded model and sees the same random batch.
+    """
+    from .. import models as model_registry
+    from .. import rules as rule_registry
+    from .memory import peak_memory
+
+    rows, x, y = [], None, None
+    for name in rules:
+        torch.manual_seed(seed)
+        net = model_registry.build(model, num_classes=num_classes, **(model_options or {}))
+        rule = rule_registry.build(name, net, num_classes).to(device)
+        shape = tuple(getattr(net, "input_shape"))
+        if x is None:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(batch_size, *shape, generator=g).to(device)
+            y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+        report = peak_memory(lambda: rule.step(x, y), device, exclude=rule)
+        access = external_memory_access(rule, shape, batch_size)
+        rows.append({"rule": name, "saved_for_backward_bytes": report.saved_for_backward_bytes,
+                     "device_peak_bytes": report.device_peak_bytes, **access.as_dict()})
+    base = next((r for r in rows if r["rule"] == "bp"), rows[0])
+    for r in rows:
+        r["saved_vs_bp"] = r["saved_for_backward_bytes"] / base["saved_for_backward_bytes"]
+        r["access_vs_bp"] = r["total"] / base["total"]
+    return rows
+
+
+def to_markdown(rows: list[dict], model: str, batch_size: int) -> str:
+    ref = next((r["rule"] for r in rows if r["rule"] == "bp"), rows[0]["rule"])
+    mib = 2.0 ** 20
+    lines = [f"Measured on `{model}`, batch {batch_size} (ratios to {ref}):", "",
+             "| rule | saved for backward MiB | vs BP | device peak MiB |", "|---|---|---|---|"]
+    for r in rows:
+        peak = "n/a" if r["device_peak_bytes"] is None else f"{r['device_peak_bytes'] / mib:.1f}"
+        lines.append(f"| {r['rule']} | {r['saved_for_backward_bytes'] / mib:.2f} | {r['saved_vs_bp']:.2f}x | {peak} |")
+    lines += ["", "Modelled external memory accesses (ASAP thesis ch. 6, elements, millions):", "",
+              "| rule | Param | Act | fwd reads | fwd writes | bwd reads | bwd writes | total | vs BP |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = [r[k] / 1e6 for k in ("params", "activations", "forward_reads", "forward_writes", "backward_reads",
+                                  "backward_writes", "total")]
+        lines.append(f"| {r['rule']} | " + " | ".join(f"{v:.3f}" for v in m) + f" | {r['access_vs_bp']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_access(rows: list[dict], model: str, path) -> None:
+    """A bar chart of modelled accesses per rule, split into forward and backward (thesis Fig. 6.1)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'creditflow[plot]'") from None
+    from ..train.checkpoint import atomic_write
+
+    names = [r["rule"] for r in rows]
+    fwd = [(r["forward_reads"] + r["forward_writes"]) / 1e6 for r in rows]
+    bwd = [(r["backward_reads"] + r["backward_writes"]) / 1e6 for r in rows]
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
+    ax.bar(names, fwd, label="forward (6.1)")
+    ax.bar(names, bwd, bottom=fwd, label="backward (6.2)")
+    ax.set_ylabel("external memory accesses (M elements)")
+    ax.set_title(f"{model}: modelled external memory accesses")
+    ax.legend()
+    fig.tight_layout()
+    fmt = str(path).rsplit(".", 1)[-1]
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt))
+    plt.close(fig)
