@@ -9,9 +9,12 @@ TINY_PRESET = """
 name: tiny
 title: "A tiny table"
 paper: "nobody 2024"
-rules: [bp, shallow, dfa]
+rules: [bp, shallow, dfa, dfa-product]
+columns:
+  dfa-product: {rule: dfa, feedback_init: product}
 cells:
-  - {id: mini, dataset: fashion-mnist-mini, model: "mlp:784-16-16-10", paper: {bp: 0.8, dfa: 0.7}}
+  - {id: mini, dataset: fashion-mnist-mini, model: "mlp:784-16-16-10", paper: {bp: 0.8, dfa: 0.7, dfa-product: 0.75},
+     settings: {bp: {lr: 0.01}}}
   - {id: absent, dataset: svhn, model: "mlp:3072-16-10", paper: {bp: 0.9}}
 budgets:
   full: {seeds: 3, epochs: 100}
@@ -26,10 +29,17 @@ def test_packaged_presets_validate_and_name_only_reported_rules(name):
     for cell in preset.cells:
         assert set(cell.paper) <= set(preset.rules)
         for budget in ("quick", "full"):
-            rules, configs = cell_runs(preset, cell, ReproduceOptions(budget=budget))
-            assert rules == [r for r in preset.rules if r in cell.paper]
-            assert all(c.batch_size == 64 and c.optimizer == "adam" for c in configs)
-            assert all(c.download == (budget == "full") for c in configs)
+            columns, runs = cell_runs(preset, cell, ReproduceOptions(budget=budget))
+            assert columns == [r for r in preset.rules if r in cell.paper]
+            assert all(c.download == (budget == "full") for _, c in runs)
+
+
+def test_las_presets_use_the_papers_protocol():
+    for name in ("las-fc", "las-cnn"):
+        preset = load_preset(name)
+        for cell in preset.cells:
+            _, runs = cell_runs(preset, cell, ReproduceOptions(budget="full"))
+            assert all(c.batch_size == 64 and c.optimizer == "adam" for _, c in runs)
 
 
 def test_las_presets_hold_the_papers_numbers():
@@ -54,8 +64,12 @@ def test_quick_run_writes_report_and_skips_absent_data(tmp_path, monkeypatch):
     results = reproduce(str(preset), ReproduceOptions(budget="quick", out=str(out), device="cpu"), progress=False)
     report = (out / "report.md").read_text()
     assert "| mini | " in report and "(0.8000)" in report and "(0.7000)" in report
-    assert "| absent | skipped (0.9000) | – | – |" in report and "dataset 'svhn' not found" in report
+    assert "| absent | skipped (0.9000) | – | – | – |" in report and "dataset 'svhn' not found" in report
     runs = results["cells"]["mini"]["summaries"]
-    assert set(runs) == {"bp", "dfa"} and all(len(v) == 2 for v in runs.values())  # shallow not reported
+    assert set(runs) == {"bp", "dfa", "dfa-product"} and all(len(v) == 2 for v in runs.values())  # no shallow
+    import yaml
+    saved = yaml.safe_load((out / "mini" / "dfa-product" / "seed0" / "config.yaml").read_text())
+    assert saved["rule"] == "dfa" and saved["feedback_init"] == "product" and saved["lr"] == 0.001
+    assert yaml.safe_load((out / "mini" / "bp" / "seed0" / "config.yaml").read_text())["lr"] == 0.01
     assert (out / "mini" / "dfa" / "seed1" / "config.yaml").exists()
     assert json.loads((out / "results.json").read_text())["budget"] == "quick"

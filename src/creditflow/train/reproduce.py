@@ -34,6 +34,8 @@ class Cell(BaseModel):
     augment: str = "none"
     paper: dict[str, float]
     full: dict[str, Any] = Field(default_factory=dict)
+    #: per-column run settings for this cell, e.g. the thesis's per-rule learning rates
+    settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class Preset(BaseModel):
@@ -42,9 +44,11 @@ class Preset(BaseModel):
     name: str
     title: str
     paper: str
-    rules: list[str]
+    rules: list[str]  # column labels: a rule name, or a key of ``columns``
     cells: list[Cell]
     budgets: dict[str, Any]
+    #: columns that are a rule with settings, e.g. ``asap-k4: {rule: asap, rule_options: {k: 4}}``
+    columns: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 def available() -> list[str]:
@@ -74,8 +78,12 @@ class ReproduceOptions(BaseModel):
     cells: str | None = Field(None, description="comma-separated cell ids to run (default: all)")
 
 
-def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[str], list[RunConfig]]:
-    """The rules of a cell (those the paper reports) and one RunConfig per (rule, seed)."""
+def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[str], list[tuple[str, RunConfig]]]:
+    """The columns of a cell (those the paper reports) and one (column, RunConfig) per column and seed.
+
+    Settings merge in this order: budget < the cell's full-budget or quick overrides < the
+    column's definition (``columns``) < the cell's per-column ``settings``.
+    """
     budget = dict(preset.budgets[opts.budget])
     seeds = opts.seeds or budget.pop("seeds", 1)
     budget.pop("seeds", None)
@@ -84,16 +92,18 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
     else:
         budget.update(preset.budgets.get("quick_overrides", {}).get(cell.id, {}))
     model_options = preset.budgets.get(f"{opts.budget}_model_options", {}).get(cell.model, {})
-    rules = [r for r in preset.rules if r in cell.paper]
+    columns = [c for c in preset.rules if c in cell.paper]
     out = Path(opts.out or f"runs/reproduce-{preset.name}-{opts.budget}")
-    configs = [
-        validate(RunConfig, {**budget, "rule": rule, "seed": seed, "dataset": cell.dataset, "model": cell.model,
-                             "augment": cell.augment, "model_options": model_options, "data_dir": opts.data_dir,
-                             "download": opts.budget == "full", "device": opts.device,
-                             "out": str(out / cell.id / rule / f"seed{seed}")})
-        for rule in rules for seed in range(seeds)
-    ]
-    return rules, configs
+    runs = []
+    for column in columns:
+        column_settings = {"rule": column, **preset.columns.get(column, {}), **cell.settings.get(column, {})}
+        for seed in range(seeds):
+            values = {**budget, "seed": seed, "dataset": cell.dataset, "model": cell.model, "augment": cell.augment,
+                      "model_options": model_options, "data_dir": opts.data_dir, "download": opts.budget == "full",
+                      "device": opts.device, **column_settings,
+                      "out": str(out / cell.id / column / f"seed{seed}")}
+            runs.append((column, validate(RunConfig, values)))
+    return columns, runs
 
 
 def dataset_missing(cell: Cell, opts: ReproduceOptions) -> str | None:
@@ -124,11 +134,11 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
             log.warning("skipping %s: dataset %s is absent", cell.id, cell.dataset)
             results["cells"][cell.id] = {"skipped": missing_data[cell.dataset]}
             continue
-        rules, configs = cell_runs(preset, cell, opts)
-        summaries: dict[str, list[dict]] = {r: [] for r in rules}
-        for cfg in configs:
-            log.info("%s: %s seed %d", cell.id, cfg.rule, cfg.seed)
-            summaries[cfg.rule].append(train(cfg, resume=True, progress=progress))
+        columns, runs = cell_runs(preset, cell, opts)
+        summaries: dict[str, list[dict]] = {c: [] for c in columns}
+        for column, cfg in runs:
+            log.info("%s: %s seed %d", cell.id, column, cfg.seed)
+            summaries[column].append(train(cfg, resume=True, progress=progress))
         results["cells"][cell.id] = {"summaries": summaries}
         write_json(out / "results.json", results)  # after every cell: a killed run keeps what it has
     report = to_report(preset, results, opts)
