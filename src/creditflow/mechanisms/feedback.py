@@ -9,7 +9,10 @@ so BP is ``B = W`` and FA is a fixed random ``B``. Sign-symmetry, Kolen-Pollack,
 and activation sharing differ only in how ``B`` is made and updated and in which activation
 feeds ``grad_weight``: they reuse these layers and never subclass ``nn.Linear``/``nn.Conv2d``.
 ``B`` is a buffer; :func:`learn_feedback` makes it a Parameter, whose gradient is then the weight
-gradient itself (Kolen-Pollack). :func:`mirror_product` is the weight mirror's noise probe.
+gradient itself (Kolen-Pollack). Activation sharing sets a layer's ``activation_override`` (the
+tensor saved for backward instead of the input), ``activation_map`` (applied to it in backward, so
+only the override is kept alive) and ``override_feeds_B_only`` (ASFP: the override feeds only B's
+gradient, W's comes from the layer's own input, which is then saved too). :func:`mirror_product` is the weight mirror's noise probe.
 
 Shape convention: ``B`` has the shape of ``W``. In the papers' column-vector notation the
 feedback matrix is ``B^T`` (``delta_h = B_paper delta_a``), so "B = W^T" there is ``B = W`` here.
@@ -48,15 +51,27 @@ def _weight_and_feedback_grads(grad_w, need_w, need_B, grad_b):
 
 class LinearFeedbackFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, a: Tensor):
-        ctx.save_for_backward(feedback, a)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, a: Tensor,
+                a_map: Callable[[Tensor], Tensor] | None = None, a_feeds_B_only: bool = False):
+        # a_feeds_B_only (ASFP): ``a`` feeds only B's gradient, W's comes from x, which is then saved too.
+        ctx.save_for_backward(feedback, a, x if a_feeds_B_only else None)
+        ctx.a_map = a_map  # applied in backward, so only ``a`` itself is saved (activation sharing)
         ctx.has_bias = bias is not None
         ctx.learn_B = _trainable(feedback)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        feedback, a = ctx.saved_tensors
+        feedback, a, x = ctx.saved_tensors
+        if ctx.a_map is not None:
+            a = ctx.a_map(a)  # (..., in): the activation matched to this layer's input
+        if x is not None:  # W learns from x, B from a (ASFP)
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            need_B = ctx.learn_B and ctx.needs_input_grad[3]
+            return (grad_out @ feedback if ctx.needs_input_grad[0] else None,
+                    g.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None,
+                    g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None,
+                    g.T @ a.reshape(-1, a.shape[-1]) if need_B else None, None, None, None)
         need_w, need_B = ctx.needs_input_grad[1], ctx.learn_B and ctx.needs_input_grad[3]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -66,13 +81,16 @@ class LinearFeedbackFn(torch.autograd.Function):
             grad_w = g.T @ a.reshape(-1, a.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
-        return grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b), None
+        return grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b), None, None, None
 
 
 class Conv2dFeedbackFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, a, stride, padding, dilation, groups):
-        ctx.save_for_backward(weight, feedback, a)
+    def forward(ctx, x, weight, bias, feedback, a, stride, padding, dilation, groups, a_map=None,
+                a_feeds_B_only=False):
+        # a_feeds_B_only (ASFP): ``a`` feeds only B's gradient, W's comes from x, which is then saved too.
+        ctx.save_for_backward(weight, feedback, a, x if a_feeds_B_only else None)
+        ctx.a_map = a_map  # applied in backward, so only ``a`` itself is saved (activation sharing)
         ctx.x_shape = x.shape  # only the shape: x itself need not stay alive when a is not x
         ctx.conv = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
@@ -81,11 +99,20 @@ class Conv2dFeedbackFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, feedback, a = ctx.saved_tensors
+        weight, feedback, a, x = ctx.saved_tensors
+        if ctx.a_map is not None:
+            a = ctx.a_map(a)  # (N, C_in, H, W): the activation matched to this layer's input
         stride, padding, dilation, groups = ctx.conv
         args = (stride, padding, dilation, False, (0, 0), groups)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_B = ctx.learn_B and ctx.needs_input_grad[3]
+        if x is not None:  # W learns from x, B from a (ASFP)
+            need_b = ctx.has_bias and ctx.needs_input_grad[2]
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, x, feedback, [weight.shape[0]] if need_b else None, *args, (need_x, need_w, need_b))
+            grad_B = torch.ops.aten.convolution_backward(
+                grad_out, a, weight, None, *args, (False, True, False))[1] if need_B else None
+            return grad_x, grad_w, grad_b, grad_B, None, None, None, None, None, None, None
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         want_w = need_w or need_B  # a trainable B gets the weight gradient too
         bias_sizes = [weight.shape[0]] if need_b else None
@@ -98,7 +125,7 @@ class Conv2dFeedbackFn(torch.autograd.Function):
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_out, a, feedback, bias_sizes, *args, (need_x, want_w, need_b))
             return (grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b),
-                    None, None, None, None, None)
+                    None, None, None, None, None, None, None)
         grad_x = grad_w = grad_b = None
         if need_x:
             grad_x = torch.ops.aten.convolution_backward(
@@ -108,7 +135,7 @@ class Conv2dFeedbackFn(torch.autograd.Function):
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_out, a, weight, bias_sizes, *args, (False, want_w, need_b))
         return (grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b),
-                None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class FeedbackLinear(nn.Module):
@@ -124,12 +151,18 @@ class FeedbackLinear(nn.Module):
         self.weight, self.bias = layer.weight, layer.bias
         self.register_buffer("feedback", feedback.detach().clone().contiguous())
         self.activation_override: Tensor | None = None
+        #: maps ``activation_override`` to this layer's input shape, in backward (see the Functions)
+        self.activation_map: Callable[[Tensor], Tensor] | None = None
+        #: True: the override feeds only B's gradient (a trainable B); W's comes from the input
+        self.override_feeds_B_only = False
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        a = x if self.activation_override is None else self.activation_override
-        return LinearFeedbackFn.apply(x, self.weight, self.bias, self.feedback, a)
+        if self.activation_override is None:
+            return LinearFeedbackFn.apply(x, self.weight, self.bias, self.feedback, x)
+        return LinearFeedbackFn.apply(x, self.weight, self.bias, self.feedback, self.activation_override,
+                                      self.activation_map, self.override_feeds_B_only)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, feedback=B"
@@ -147,12 +180,18 @@ class FeedbackConv2d(nn.Module):
         self.conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
         self.register_buffer("feedback", feedback.detach().clone().contiguous())
         self.activation_override: Tensor | None = None
+        #: maps ``activation_override`` to this layer's input shape, in backward (see the Functions)
+        self.activation_map: Callable[[Tensor], Tensor] | None = None
+        #: True: the override feeds only B's gradient (a trainable B); W's comes from the input
+        self.override_feeds_B_only = False
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return F.conv2d(x, self.weight, self.bias, *self.conv)
-        a = x if self.activation_override is None else self.activation_override
-        return Conv2dFeedbackFn.apply(x, self.weight, self.bias, self.feedback, a, *self.conv)
+        if self.activation_override is None:
+            return Conv2dFeedbackFn.apply(x, self.weight, self.bias, self.feedback, x, *self.conv)
+        return Conv2dFeedbackFn.apply(x, self.weight, self.bias, self.feedback, self.activation_override,
+                                      *self.conv, self.activation_map, self.override_feeds_B_only)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, stride={self.conv[0]}, padding={self.conv[1]}, feedback=B"

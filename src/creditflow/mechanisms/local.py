@@ -25,20 +25,40 @@ from torch.nn import functional as F
 
 
 class LinearLocal(nn.Module):
-    """``y_i = B^T h_i`` with ``weight`` = B^T stored as (C, n_i), no bias (as the paper)."""
+    """``y_i = B^T h_i`` with ``weight`` = B^T stored as (C, n_i), no bias (as the paper).
 
-    def __init__(self, shape: Sequence[int], num_classes: int):
+    With ``pool = k > 1`` (a (d, H, W) block output) the module first averages k x k patches
+    (stride k), ``y_i = B^T avgpool_k(h_i)``: the ASAP thesis's local classifier (Sec. 5.2.4);
+    ``weight`` is then (C, d * (H//k) * (W//k)).
+    """
+
+    def __init__(self, shape: Sequence[int], num_classes: int, pool: int = 1):
         super().__init__()
         self.shape = torch.Size(shape)
-        n = math.prod(self.shape)
+        if pool < 1 or (pool > 1 and len(self.shape) != 3):
+            raise ValueError(f"pool must be 1, or > 1 for a (d, H, W) block output; got pool={pool}, "
+                             f"shape={tuple(self.shape)}")
+        self.pool = pool
+        pooled = self.shape if pool == 1 else (self.shape[0], self.shape[1] // pool, self.shape[2] // pool)
+        n = math.prod(pooled)
         self.weight = nn.Parameter(torch.empty(num_classes, n).uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n)))
 
     def forward(self, h: Tensor) -> Tensor:
+        if self.pool > 1:
+            h = F.avg_pool2d(h, self.pool)
         return h.flatten(1) @ self.weight.T  # (N, C)
 
     def feedback(self, e: Tensor) -> Tensor:
-        """VJP at any h: ``e @ weight``, shaped like the block output."""
-        return (e @ self.weight).view(e.shape[0], *self.shape)
+        """VJP at any h: ``e @ weight``, shaped like the block output (through the pool's adjoint)."""
+        if self.pool == 1:
+            return (e @ self.weight).view(e.shape[0], *self.shape)
+        d, H, W = self.shape
+        k = self.pool
+        g = (e @ self.weight).view(e.shape[0], d, H // k, W // k)
+        # avg_pool2d's adjoint: each pooled gradient spread evenly over its k x k patch; the rows and
+        # columns the pool drops (H, W not multiples of k) get zero.
+        ones = g.new_full((d, 1, k, k), 1 / (k * k))
+        return F.conv_transpose2d(g, ones, stride=k, groups=d, output_padding=(H % k, W % k))
 
 
 class ConvLocal(nn.Module):
@@ -67,3 +87,15 @@ class ConvLocal(nn.Module):
 def local_module(shape: Sequence[int], num_classes: int, kernel_size: int = 3) -> nn.Module:
     """The paper's module for a block output of ``shape``: conv+pool for (d, H, W), linear otherwise."""
     return ConvLocal(shape, num_classes, kernel_size) if len(shape) == 3 else LinearLocal(shape, num_classes)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Turn ``module.weight`` into a buffer of the same name and value: a fixed random module.
+
+    It then leaves every optimizer (``rule.parameters()``) yet stays in ``state_dict`` and moves
+    with ``.to()``. Mostafa et al. 2018's local classifiers are fixed this way.
+    """
+    weight = module.weight.detach()
+    del module.weight
+    module.register_buffer("weight", weight)
+    return module

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import RULES
-from . import bp, dfa, drtp, fa, kolen_pollack, las, shallow, sign_symmetry, weight_mirror  # noqa: F401  (import is registration)
+from . import activation_sharing, bp, dfa, drtp, fa, forward_alignment, kolen_pollack, las, local_classifier, shallow, sign_symmetry, weight_mirror  # noqa: F401  (import is registration)
 from .base import DirectRule, Rule, StepResult
 
 

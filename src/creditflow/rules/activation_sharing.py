@@ -1,0 +1,270 @@
+"""Activation sharing (Woo 2023, ch. 4): the weight gradient of a layer reads a *shared* activation.
+
+Key: layers are grouped ``k`` at a time (the thesis's block size, the sharing period); ``h~_m`` is the
+input of group ``m``'s first layer (the previous group's output); ``delta`` is the error at a layer's
+output; ``B`` has the shape of ``W`` (``B = W`` is BP, see mechanisms/feedback.py).
+
+References: Woo 2023, "Biologically Plausible Learning Algorithm without Weight Transport and
+Bidirectional Connection" (M.Eng. thesis, SNU), ch. 4, Sec. 5.1.1, 5.2.1, 5.2.4 and Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..mechanisms.feedback import attach_feedback, learn_feedback, random_like_init
+from ..mechanisms.local import LinearLocal, freeze
+from ..registry import register_rule
+from .base import placement, resolve_input_shape
+from .fa import FA
+from .kolen_pollack import KolenPollack
+from .local_classifier import LocalClassifier
+
+#: section 5.2.1's three ways to give the shared activation the shape of a layer's input
+MATCH = {1: "max", 2: "avg", 3: "random", "max": "max", "avg": "avg", "random": "random"}
+
+
+def match_activation(h: Tensor, shape: tuple[int, ...], method: str, C: Tensor | None = None) -> Tensor:
+    """``h`` (N, *shared) reshaped to (N, *shape), the input shape of the layer that uses it (Sec. 5.2.1).
+
+    ``"max"``/``"avg"`` (methods 1/2): copies of ``h`` concatenated along channels (cut to the layer's
+    channel count) and max-/average-pooled (adaptive) to its map size. A flat target (a Linear layer)
+    takes the flattened ``h``, tiled when shorter and adaptively pooled over features when longer.
+    ``"random"`` (method 3, Forward Alignment's fixed ``C``): a fixed random 1x1 convolution to the
+    channel count, then average pooling to the map size; for a flat target ``C @ flatten(h)``.
+    """
+    if tuple(h.shape[1:]) == tuple(shape):
+        return h
+    n = h.shape[0]
+    if len(shape) == 3:
+        if h.ndim != 4:
+            raise ValueError(f"cannot share a flat activation {tuple(h.shape[1:])} with a conv input {shape}")
+        c, hw = shape[0], shape[1:]
+        if method == "random":
+            return F.adaptive_avg_pool2d(F.conv2d(h, C[:, :, None, None]), hw)  # C: (c, C_s)
+        pool = F.adaptive_max_pool2d if method == "max" else F.adaptive_avg_pool2d
+        h = pool(h, hw)  # pooling each channel first: the same result, on fewer copies
+        return h.repeat(1, math.ceil(c / h.shape[1]), 1, 1)[:, :c]
+    (d,) = shape
+    h = h.reshape(n, -1)  # (N, S)
+    if method == "random":
+        return h @ C.T  # C: (d, S)
+    if h.shape[1] < d:
+        return h.repeat(1, math.ceil(d / h.shape[1]))[:, :d]
+    pool = F.adaptive_max_pool1d if method == "max" else F.adaptive_avg_pool1d
+    return pool(h[:, None], d)[:, 0]
+
+
+class SharedActivations:
+    """Mixin for feedback-layer rules: groups of ``k`` layers share one activation for ``grad_weight``.
+
+    The group's first layer records its input ``h~_m`` (a forward pre-hook, during ``step`` only); the
+    other layers save ``h~_m`` for backward instead of their own input, and match its shape there.
+
+    Args:
+        k: layers per group (the sharing period); ``k = 1`` uses every layer's own input (BP's).
+        match: ``1``/``"max"``, ``2``/``"avg"`` or ``3``/``"random"`` (Sec. 5.2.1's methods).
+        train_first: False (the thesis, Sec. 5.1.1): the first layer is frozen (not trained); True
+            trains it as the first layer of the first group.
+        input_shape: per-sample input shape, to size the matching (default: the model's).
+    """
+
+    #: True (ASFP): the shared activation feeds only B's gradient; W learns from its own input
+    shared_feeds_B_only = False
+    #: the base rule takes ``input_shape`` too (a direct rule)
+    base_takes_input_shape = False
+
+    def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", *, k: int = 2,
+                 match: int | str = 1, train_first: bool = False, input_shape=None, **options):
+        input_shape = resolve_input_shape(model, input_shape)  # before Linear layers become feedback layers
+        if self.base_takes_input_shape:
+            options["input_shape"] = input_shape
+        super().__init__(model, num_classes, loss, **options)
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if match not in MATCH:
+            raise ValueError(f"unknown match {match!r}; available: 1 (max), 2 (avg), 3 (random)")
+        self.k, self.match, self.train_first = k, MATCH[match], train_first
+        shapes = _input_shapes(model, self.layers, input_shape)
+        first = self.layers[0]
+        if not train_first:  # Sec. 5.1.1: "do not train this layer"
+            for p in (first.weight, first.bias, first.feedback):
+                if p is not None and isinstance(p, nn.Parameter):
+                    p.requires_grad_(False)
+        self._sharing = self.layers if train_first else self.layers[1:]
+        self._plan: list[tuple[int, bool, tuple[int, ...]]] = []  # per sharing layer: group, is-source, input shape
+        for j, layer in enumerate(self._sharing):
+            g, i = divmod(j, k)
+            target = shapes[id(layer)]
+            self._plan.append((g, i == 0, target))
+            if i == 0:
+                source = target
+                continue
+            if self.match == "random" and target != source:
+                rows = target[0]
+                cols = source[0] if len(target) == 3 else math.prod(source)
+                C = torch.randn(rows, cols, **placement(model)) / math.sqrt(cols)  # FA's fixed C
+                self.register_buffer(f"match{j}", C)
+        self._shared: dict[int, Tensor] = {}  # group -> h~_m, during a step only
+
+    def _share(self, j: int, layer: nn.Module, args) -> None:
+        g, is_source, shape = self._plan[j]
+        if is_source:
+            self._shared[g] = args[0]  # h~_m: this group's input
+            return
+        h, method, C = self._shared[g], self.match, getattr(self, f"match{j}", None)
+        layer.activation_override = h  # saved for backward instead of the layer's own input
+        layer.activation_map = lambda a: match_activation(a, shape, method, C)
+        layer.override_feeds_B_only = self.shared_feeds_B_only
+
+    def step(self, x, y):
+        hooks = [layer.register_forward_pre_hook(functools.partial(self._share, j))
+                 for j, layer in enumerate(self._sharing)]
+        try:
+            return super().step(x, y)
+        finally:  # inference and copies of the model see plain feedback layers again
+            for h in hooks:
+                h.remove()
+            for layer in self.layers:
+                layer.activation_override = layer.activation_map = None
+                layer.override_feeds_B_only = False
+            self._shared.clear()
+
+
+@torch.no_grad()
+def _input_shapes(model: nn.Module, layers, input_shape) -> dict[int, tuple[int, ...]]:
+    """Per-sample input shape of every layer, from one 2-sample probe in eval mode."""
+    shapes: dict[int, tuple[int, ...]] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: shapes.__setitem__(id(m), tuple(a[0].shape[1:])))
+             for m in layers]
+    was = model.training
+    try:
+        model.eval()
+        model(torch.zeros(2, *input_shape, **placement(model)))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+@register_rule("as", summary="activation sharing: k layers update from one shared activation, BP's feedback W",
+               paper="Woo 2023 (thesis), Sec. 4.1")
+class AS(SharedActivations, FA):
+    """Activation Sharing with symmetric paths (Sec. 4.1, eqs. 4.1-4.4; Fig. 4.2).
+
+    1. ``B <- W`` before every step (a copy: this rule *does* transport weights, as the thesis says).
+    2. Forward; the input of each group's first layer is the shared activation ``h~_m``.
+    3. Backward as BP: ``delta_{m,k-1} = phi' B_{m,k}^T delta_{m,k}``.
+    4. ``grad W_{m,k} = delta_{m,k} h~_m^T`` (gradient descent on the loss; the optimizer subtracts).
+    """
+
+    mutable_buffers = ("feedback",)  # B tracks W by design
+
+    def step(self, x, y):
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.feedback.copy_(layer.weight)
+        return super().step(x, y)
+
+
+@register_rule("asap", summary="activation sharing with asymmetric paths: shared h~ updates W and B alike (KP)",
+               paper="Woo 2023 (thesis), Sec. 4.2, Alg. 1")
+class ASAP(SharedActivations, KolenPollack):
+    """Activation Sharing with Asymmetric Paths (Sec. 4.2.1, eqs. 4.5-4.6; Algorithm 1).
+
+    1. Every Linear/Conv2d gets a random trainable ``B`` (never aliasing ``W``: its own Parameter).
+    2. Forward; ``h~_m`` is the input of group ``m``'s first layer (Alg. 1 lines 2-9).
+    3. Backward through ``B``: ``delta_{m,k-1} = phi' B_{m,k}^T delta_{m,k}`` (line 17).
+    4. ``grad W_{m,k} = grad B_{m,k} = delta_{m,k} h~_m^T + lambda (W or B)`` (lines 25-26, as KP).
+
+    Choices where the thesis is loose: Alg. 1 line 8 reads ``h~_{m+1} = h_{m,K-1}``; we take
+    ``h_{m,K}`` (the text: "output activation of previous block"), so ``k = 1`` is FA/KP exactly.
+    Lines 25-26 add ``delta h~^T`` (with ``delta = y - y*``, line 14), which ascends the loss; we
+    descend: the rule fills ``.grad`` and the optimizer subtracts.
+    The activation is shared only for ``grad_weight``: only ``h~_m`` is saved for backward, and
+    its shape is matched to each layer (``match``) inside the backward.
+    """
+
+
+@register_rule("asfp", summary="activation sharing in the feedback path: shared h~ updates B only; W from its input",
+               paper="Woo 2023 (thesis), Sec. 4.3")
+class ASFP(SharedActivations, KolenPollack):
+    """Activation Sharing in the Feedback Path (Sec. 4.3, eqs. 4.7-4.10; Fig. 4.6).
+
+    1. Every Linear/Conv2d gets a random trainable ``B`` (its own Parameter, never ``W``).
+    2. Forward; ``h~_m`` is the input of group ``m``'s first layer, as ASAP.
+    3. Backward through ``B``: ``delta_{m,k-1} = phi' B_{m,k}^T delta_{m,k}``.
+    4. ``grad W_{m,k} = delta_{m,k} h_{m,k-1}^T + lambda W`` (its own input, eqs. 4.7-4.8);
+       ``grad B_{m,k} = delta_{m,k} h~_m^T + lambda B`` (the shared activation, eqs. 4.9-4.10).
+
+    The thesis's prose after eq. 4.10 swaps "forward" and "feedback"; we follow the equations. Each
+    layer saves its own input (for ``W``) and ``h~_m`` (for ``B``), so ASFP saves no memory over FA.
+    """
+
+    shared_feeds_B_only = True
+
+
+class _LocalFA(LocalClassifier):
+    """Cut blocks, each with a trained local classifier (2x2 average pool + FC) whose error reaches
+    the block through a fixed random ``B_c`` (FA), not through the classifier's own weight; the
+    model's layers are feedback layers with trained ``B`` and KP decay (as ``asfp``)."""
+
+    def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
+                 feedback_scale: float = 1.0, kp_decay: float = 1e-4, local_loss: str = "cross-entropy"):
+        if not (feedback_scale > 0 and kp_decay >= 0):
+            raise ValueError(f"need feedback_scale > 0 and kp_decay >= 0, got {feedback_scale}, {kp_decay}")
+        # Feedback layers first: the direct rule keeps references to the blocks (a bare Linear head).
+        layers = attach_feedback(model, lambda layer: random_like_init(layer, feedback_scale))
+        super().__init__(model, num_classes, loss, input_shape, learn_classifier=True, local_loss=local_loss)
+        self.layers, self.kp_decay = layers, kp_decay
+        # the thesis's 2x2 average pool, where the map has 2x2 to pool (a 1x1 map is used as it is)
+        self.classifiers = nn.ModuleList(
+            LinearLocal(s, num_classes, 2 if len(s) == 3 and min(s[1:]) >= 2 else 1)
+            for s in self.hidden_output_shapes()).to(**placement(model))
+        for layer in self.layers:
+            learn_feedback(layer)
+        self.classifier_feedback = nn.ModuleList(  # B_c: FA's fixed random twin of each classifier
+            freeze(LinearLocal(A.shape, num_classes, A.pool)) for A in self.classifiers).to(**placement(model))
+
+    def signals(self, e, target, outputs):
+        # block i gets B_c^T e_i (FA through the classifier), e_i = dL_i/dz_i of its own classifier
+        return [Bc.feedback(self.local_error.error(A(h.detach()), target)[1])
+                for A, Bc, h in zip(self.classifiers, self.classifier_feedback, outputs)]
+
+    def step(self, x, y):
+        out = super().step(x, y)
+        if self.kp_decay:
+            with torch.no_grad():
+                for p in (p for layer in self.layers for p in (layer.weight, layer.feedback)):
+                    if p.grad is not None:
+                        p.grad.add_(p, alpha=self.kp_decay)  # as kp: the same L2 decay on W and B
+        return out
+
+
+@register_rule("asfp-lc", summary="asfp inside blocks cut apart, each trained by its own local classifier (FA)",
+               paper="Woo 2023 (thesis), Sec. 5.2.4")
+class ASFPLC(SharedActivations, _LocalFA):
+    """ASFP with a Local Classifier (Sec. 5.2.4; Mostafa et al. 2018 for the classifier).
+
+    1. Every block input is cut; hidden block ``i`` ends in a local classifier
+       ``z_i = A_i avgpool_2x2(h_i)`` (``A_i`` trained on ``L_i = CE(softmax(z_i), y*)``).
+    2. The classifier is trained by FA: block ``i`` receives ``B_{c,i}^T e_i`` at its output
+       (``e_i = dL_i/dz_i``, ``B_{c,i}`` fixed random), not ``A_i^T e_i``.
+    3. Inside each block the error goes down as ``asfp``: through trained ``B``; ``grad W`` from the
+       layer's own input, ``grad B`` from the shared activation ``h~_m``; KP decay on both.
+    4. The head learns from the global loss, as BP.
+
+    Choices: the thesis says only "at the end of the ASFP block"; we put one classifier after every
+    hidden block of the model (a ResNet's residual block, an AlexNet conv/FC block), and the
+    sharing groups of ``k`` layers run over the model's layers as in ``asfp`` (a group may span
+    a cut; ``h~_m`` then feeds only weight gradients, never carries an error across it).
+    """
+
+    shared_feeds_B_only = True
+    base_takes_input_shape = True

@@ -1,0 +1,207 @@
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import creditflow as cf
+from creditflow.diagnostics import saved_tensor_bytes
+from creditflow.rules.activation_sharing import match_activation
+from tests.reference import batch, bp_grads, output_error, tiny_cnn, tiny_mlp
+
+MAKERS = [tiny_mlp, tiny_cnn, lambda: tiny_cnn(batch_norm=True)]
+
+
+def weight_grads(model):
+    return {k: p.grad for k, p in model.named_parameters()
+            if p.grad is not None and not k.endswith("feedback")}
+
+
+@pytest.mark.parametrize("name", ["as", "asap"])
+@pytest.mark.parametrize("make", MAKERS)
+def test_period_1_with_B_equal_to_W_is_bp(name, make):
+    model = make()
+    x, y = batch(model.input_shape)
+    ref = bp_grads(copy.deepcopy(model), x, y)
+    options = {"kp_decay": 0.0} if name == "asap" else {}
+    rule = cf.rules.build(name, model, num_classes=3, k=1, train_first=True, **options)
+    with torch.no_grad():
+        for layer in rule.layers:
+            layer.feedback.copy_(layer.weight)
+    rule.step(x, y)
+    got = weight_grads(model)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k])
+
+
+def mlp_sharing_grads(Ws, bs, x, y, Bs, k, train_first):
+    """Hand-derived activation sharing on an equal-width ReLU MLP (thesis eqs. 4.3-4.6, Alg. 1).
+
+    delta goes down through B as in FA; layer i's weight gradient is delta_i h~^T with h~ the
+    input of its group's first layer. Returns {layer index: (grad W, grad b)}.
+    """
+    hs, As = [x], []
+    for W, b in zip(Ws[:-1], bs[:-1]):
+        As.append(hs[-1] @ W.T + b)
+        hs.append(As[-1].clamp_min(0))
+    delta = output_error(hs[-1] @ Ws[-1].T + bs[-1], y)
+    deltas = [None] * len(Ws)
+    for i in reversed(range(len(Ws))):
+        deltas[i] = delta
+        if i:
+            delta = (delta @ Bs[i]) * (As[i - 1] > 0).double()
+    start = 0 if train_first else 1
+    out = {}
+    for i in range(start, len(Ws)):
+        shared = hs[start + (i - start) // k * k]
+        out[i] = (deltas[i].T @ shared, deltas[i].sum(0))
+    return out
+
+
+@pytest.mark.parametrize("k,train_first", [(2, False), (3, True), (2, True)])
+@pytest.mark.parametrize("name", ["as", "asap"])
+def test_weight_gradient_uses_the_shared_activation(name, k, train_first):
+    model = tiny_mlp(dims=(5, 5, 5, 5, 5, 3))
+    x, y = batch(model.input_shape)
+    options = {"kp_decay": 0.0} if name == "asap" else {}
+    rule = cf.rules.build(name, model, num_classes=3, k=k, train_first=train_first, **options)
+    Ws = [layer.weight.detach().clone() for layer in rule.layers]
+    bs = [layer.bias.detach().clone() for layer in rule.layers]
+    Bs = Ws if name == "as" else [layer.feedback.detach().clone() for layer in rule.layers]
+    ref = mlp_sharing_grads(Ws, bs, x, y, Bs, k, train_first)
+    rule.step(x, y)
+    for i, layer in enumerate(rule.layers):
+        if i not in ref:  # the frozen first layer (Sec. 5.1.1)
+            assert layer.weight.grad is None and not layer.weight.requires_grad
+            continue
+        torch.testing.assert_close(layer.weight.grad, ref[i][0])
+        torch.testing.assert_close(layer.bias.grad, ref[i][1])
+        if name == "asap":  # eq. 4.5-4.6: Delta B = Delta W
+            torch.testing.assert_close(layer.feedback.grad, ref[i][0])
+    assert model[0].unused.grad is None
+    assert all(layer.activation_override is None for layer in rule.layers)  # inference is plain again
+
+
+@pytest.mark.parametrize("method", [1, 2, 3])
+@pytest.mark.parametrize("shared,target", [((3, 8, 8), (7, 4, 4)), ((6, 4, 4), (4, 4, 4)), ((3, 4, 4), (16,)),
+                                           ((5,), (12,)), ((5,), (3,))])
+def test_matching_gives_the_shape_the_layer_needs(method, shared, target):
+    name = {1: "max", 2: "avg", 3: "random"}[method]
+    h = torch.randn(2, *shared)
+    C = None
+    if method == 3:
+        C = torch.randn(target[0], shared[0] if len(target) == 3 else h[0].numel())
+    assert match_activation(h, target, name, C).shape == (2, *target)
+
+
+def test_method_1_is_concatenation_and_max_pooling():
+    h = torch.randn(2, 2, 4, 4)
+    pooled = F.max_pool2d(h, 2)
+    torch.testing.assert_close(match_activation(h, (5, 2, 2), "max"), torch.cat([pooled] * 3, 1)[:, :5])
+    torch.testing.assert_close(match_activation(h, (2, 2, 2), "avg"), F.avg_pool2d(h, 2))
+
+
+@pytest.mark.parametrize("match", [1, 2, 3])
+def test_asap_trains_a_conv_net_with_every_matching_method(match):
+    model = cf.models.build("alexnet-asap:4-6-8", fc="16-12", input_shape=(3, 32, 32), num_classes=3).double()
+    rule = cf.rules.build("asap", model, num_classes=3, k=4, match=match)
+    rule.step(*batch(model.input_shape))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in rule.parameters())
+
+
+def test_B_never_aliases_W_and_is_visible_state():
+    model = tiny_cnn()
+    rule = cf.rules.build("asap", model, num_classes=3)
+    trained = {id(p) for p in rule.parameters()}
+    for layer in rule.layers:
+        assert layer.feedback is not layer.weight
+        assert layer.feedback.untyped_storage().data_ptr() != layer.weight.untyped_storage().data_ptr()
+    assert all(id(layer.feedback) in trained for layer in rule.layers[1:])  # B trains (KP), beside W
+    opt = torch.optim.SGD(rule.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(2):
+        rule.step(*batch(model.input_shape))
+        opt.step()
+        opt.zero_grad()
+    assert not any(torch.equal(layer.feedback, layer.weight) for layer in rule.layers)
+
+
+def test_asap_saves_fewer_tensor_bytes_than_bp():
+    torch.manual_seed(0)
+    model = cf.models.build("alexnet-asap:4-6-8", fc="16-12", input_shape=(3, 32, 32), num_classes=3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    bp = cf.rules.build("bp", copy.deepcopy(model), num_classes=3)
+    asap = cf.rules.build("asap", model, num_classes=3, k=2)
+    bp_bytes = saved_tensor_bytes(lambda: bp.step(x, y), exclude=bp)
+    asap_bytes = saved_tensor_bytes(lambda: asap.step(x, y), exclude=asap)
+    assert asap_bytes < bp_bytes
+
+
+def test_period_longer_than_the_network_and_bad_options():
+    model = tiny_mlp(unused_parameter=False)
+    rule = cf.rules.build("asap", model, num_classes=3, k=10)
+    rule.step(*batch(model.input_shape))
+    assert all(p.grad is not None for p in rule.parameters())
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        cf.rules.build("asap", tiny_mlp(), num_classes=3, k=0)
+    with pytest.raises(ValueError, match="unknown match 4; available: 1 \\(max\\)"):
+        cf.rules.build("as", tiny_mlp(), num_classes=3, match=4)
+
+
+@pytest.mark.parametrize("make", MAKERS)
+def test_asfp_W_learns_from_its_input_and_B_from_the_shared_activation(make):
+    model = make()
+    x, y = batch(model.input_shape)
+    shared = copy.deepcopy(model)
+    ref_W = cf.rules.build("kp", copy.deepcopy(model), num_classes=3, kp_decay=0.0)  # W: delta h^T (KP/FA)
+    ref_B = cf.rules.build("asap", shared, num_classes=3, k=2, kp_decay=0.0)  # B: delta h~^T (as ASAP)
+    rule = cf.rules.build("asfp", model, num_classes=3, k=2, kp_decay=0.0)
+    for r in (ref_W, ref_B):  # the same B everywhere, so the same deltas
+        with torch.no_grad():
+            for layer, mine in zip(r.layers, rule.layers):
+                layer.feedback.copy_(mine.feedback)
+    for r in (rule, ref_W, ref_B):
+        r.step(x, y)
+    for mine, w, b in zip(rule.layers[1:], ref_W.layers[1:], ref_B.layers[1:]):
+        torch.testing.assert_close(mine.weight.grad, w.weight.grad)
+        torch.testing.assert_close(mine.feedback.grad, b.feedback.grad)
+
+
+def test_a_copied_rule_shares_on_its_own_layers():
+    model = tiny_cnn()
+    x, y = batch(model.input_shape)
+    rule = cf.rules.build("asap", model, num_classes=3)
+    twin = copy.deepcopy(rule)
+    rule.step(x, y)
+    twin.step(x, y)
+    for a, b in zip(rule.layers, twin.layers):
+        if a.weight.grad is not None:
+            torch.testing.assert_close(a.weight.grad, b.weight.grad)
+
+
+@pytest.mark.parametrize("make", MAKERS)
+def test_asfp_lc_with_period_1_and_symmetric_feedback_is_local_learning(make):
+    # k = 1, B = W and B_c = A: every block learns from the exact gradient of its own classifier's
+    # loss, which is the `local` rule with trained 2x2-pooled classifiers.
+    model = make()
+    x, y = batch(model.input_shape)
+    ref_model = copy.deepcopy(model)
+    ref = cf.rules.build("local", ref_model, num_classes=3, pool=2, learn_classifier=True)
+    rule = cf.rules.build("asfp-lc", model, num_classes=3, k=1, train_first=True, kp_decay=0.0)
+    with torch.no_grad():
+        for layer in rule.layers:
+            layer.feedback.copy_(layer.weight)
+        for A, Bc, A_ref in zip(rule.classifiers, rule.classifier_feedback, ref.classifiers):
+            A.weight.copy_(A_ref.weight)
+            Bc.weight.copy_(A_ref.weight)
+    rule.step(x, y)
+    ref.step(x, y)
+    got, want = weight_grads(model), weight_grads(ref_model)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    for A, A_ref in zip(rule.classifiers, ref.classifiers):
+        torch.testing.assert_close(A.weight.grad, A_ref.weight.grad)
+    fresh = cf.rules.build("asfp-lc", make(), num_classes=3)
+    assert not any(torch.equal(A.weight, Bc.weight) for A, Bc in zip(fresh.classifiers, fresh.classifier_feedback))
+    assert not any(id(Bc.weight) in {id(p) for p in fresh.parameters()} for Bc in fresh.classifier_feedback)
