@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import data
 from .checkpoint import write_json, write_text
@@ -39,7 +39,8 @@ class Cell(BaseModel):
 
 
 class Preset(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # keys starting with "x-" are free (YAML anchors shared by cells)
+    model_config = ConfigDict(extra="allow")
 
     name: str
     title: str
@@ -49,6 +50,14 @@ class Preset(BaseModel):
     budgets: dict[str, Any]
     #: columns that are a rule with settings, e.g. ``asap-k4: {rule: asap, rule_options: {k: 4}}``
     columns: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _only_anchors_extra(self):
+        unknown = [k for k in (self.model_extra or {}) if not k.startswith("x-")]
+        if unknown:
+            raise ValueError(f"unknown preset keys {unknown}; allowed: {', '.join(type(self).model_fields)} "
+                             "and x-* anchors")
+        return self
 
 
 def available() -> list[str]:
