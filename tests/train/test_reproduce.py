@@ -73,3 +73,19 @@ def test_quick_run_writes_report_and_skips_absent_data(tmp_path, monkeypatch):
     assert yaml.safe_load((out / "mini" / "bp" / "seed0" / "config.yaml").read_text())["lr"] == 0.01
     assert (out / "mini" / "dfa" / "seed1" / "config.yaml").exists()
     assert json.loads((out / "results.json").read_text())["budget"] == "quick"
+
+
+def test_asap_presets_carry_table_5_1_learning_rates_and_columns():
+    preset = load_preset("asap-table-5.2")
+    cell = next(c for c in preset.cells if c.id == "cifar10-resnet34")
+    columns, runs = cell_runs(preset, cell, ReproduceOptions(budget="full"))
+    assert columns == ["bp", "kp", "fa", "dfa", "asap", "asap-k4"]
+    cfg = {column: c for column, c in runs if c.seed == 0}
+    assert cfg["asap"].lr == 0.03 and cfg["fa"].lr == 0.003 and cfg["asap-k4"].rule_options["k"] == 4
+    assert cfg["kp"].rule_options == {"kp_decay": 0.0} and cfg["bp"].schedule == "cosine"
+    assert all(c.optimizer == "sgd" and c.weight_decay == 0.0005 and c.batch_size == 128 for c in cfg.values())
+    assert cell.paper["asap-k4"] == 0.939
+    sweep = load_preset("asap-table-5.4")
+    _, runs = cell_runs(sweep, next(c for c in sweep.cells if c.id == "wd-5e-3"), ReproduceOptions(budget="quick"))
+    assert {c.weight_decay for _, c in runs} == {0.005}
+    assert load_preset("asap-dim-match").cells[0].paper["match-3"] is None

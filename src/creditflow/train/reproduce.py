@@ -32,7 +32,7 @@ class Cell(BaseModel):
     dataset: str
     model: str
     augment: str = "none"
-    paper: dict[str, float]
+    paper: dict[str, float | None]  # None: the paper shows the number only in a figure
     full: dict[str, Any] = Field(default_factory=dict)
     #: per-column run settings for this cell, e.g. the thesis's per-rule learning rates
     settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -157,6 +157,10 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     return results
 
 
+def paper_number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -> str:
     budget = preset.budgets[opts.budget]
     lines = [
@@ -177,7 +181,7 @@ def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -
             continue
         if "skipped" in entry:
             lines.append(f"| {cell.id} | " + " | ".join(
-                f"skipped ({cell.paper[r]:.4f})" if r in cell.paper else "–" for r in preset.rules) + " |")
+                f"skipped ({paper_number(cell.paper[r])})" if r in cell.paper else "–" for r in preset.rules) + " |")
             notes.append(f"- `{cell.id}` skipped: {entry['skipped']}")
             continue
         cells = []
@@ -188,7 +192,7 @@ def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -
                 continue
             accs = [s["test_acc"] for s in runs]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            cells.append(f"{statistics.fmean(accs):.4f} ± {std:.4f} ({cell.paper[r]:.4f})")
+            cells.append(f"{statistics.fmean(accs):.4f} ± {std:.4f} ({paper_number(cell.paper[r])})")
         lines.append(f"| {cell.id} | " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "Skipped cells:", *notes]
