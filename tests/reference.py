@@ -1,7 +1,8 @@
 """Hand-derived references on tiny networks, in float64, for the rule tests.
 
 Nothing here uses creditflow's mechanisms: the updates are written out from the papers'
-equations so that a rule and its reference cannot agree by accident.
+equations so that a rule and its reference cannot agree by accident. (The ``assert_*`` helpers
+only run the rule under test and compare it with a reference.)
 """
 
 from __future__ import annotations
@@ -55,17 +56,22 @@ def bp_grads(model, x, y) -> dict[str, torch.Tensor]:
     return {k: g for k, g in zip(params, grads) if g is not None}
 
 
+def mlp_forward(weights, biases, x):
+    """ReLU MLP forward: (inputs ``h_i`` of every layer, hidden pre-activations ``a_i``, logits)."""
+    hs, As = [x], []
+    for W, b in zip(weights[:-1], biases[:-1]):
+        As.append(hs[-1] @ W.T + b)
+        hs.append(As[-1].clamp_min(0))
+    return hs, As, hs[-1] @ weights[-1].T + biases[-1]
+
+
 def mlp_direct_grads(weights, biases, x, y, feedback):
     """Direct feedback on a ReLU MLP, from the DFA equations (Nøkland 2016, LAS eqs. 15-18).
 
     ``weights[i]``: (out, in); ``feedback[i]``: (C, n_i) or None, the signal of hidden layer i is
     ``e @ feedback[i]``; the head learns from e. Returns (grads_W, grads_b).
     """
-    hs, As = [x], []
-    for W, b in zip(weights[:-1], biases[:-1]):
-        As.append(hs[-1] @ W.T + b)
-        hs.append(As[-1].clamp_min(0))
-    logits = hs[-1] @ weights[-1].T + biases[-1]
+    hs, As, logits = mlp_forward(weights, biases, x)
     e = output_error(logits, y)
     gW, gb = [], []
     for i, B in enumerate(feedback):
@@ -82,11 +88,7 @@ def mlp_fa_grads(weights, biases, x, y, feedback):
 
     ``feedback[i]`` has the shape of ``weights[i]`` (this library's convention).
     """
-    hs, As = [x], []
-    for W, b in zip(weights[:-1], biases[:-1]):
-        As.append(hs[-1] @ W.T + b)
-        hs.append(As[-1].clamp_min(0))
-    logits = hs[-1] @ weights[-1].T + biases[-1]
+    hs, As, logits = mlp_forward(weights, biases, x)
     delta = output_error(logits, y)
     gW, gb = [None] * len(weights), [None] * len(weights)
     for i in reversed(range(len(weights))):
@@ -94,3 +96,14 @@ def mlp_fa_grads(weights, biases, x, y, feedback):
         if i:
             delta = (delta @ feedback[i]) * (As[i - 1] > 0).double()
     return gW, gb
+
+
+def assert_step_is_mlp_fa(rule, model, x, y, weights, biases, feedback):
+    """``rule.step(x, y)`` on a :func:`tiny_mlp` ``model`` gives :func:`mlp_fa_grads`'s gradients
+    for every layer's ``W`` and ``b`` (feedback ``feedback``), and none to block 0's unused parameter."""
+    gW, gb = mlp_fa_grads(weights, biases, x, y, feedback)
+    rule.step(x, y)
+    for layer, w, b in zip(rule.layers, gW, gb):
+        torch.testing.assert_close(layer.weight.grad, w)
+        torch.testing.assert_close(layer.bias.grad, b)
+    assert model[0].unused.grad is None

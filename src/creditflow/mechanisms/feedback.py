@@ -37,16 +37,16 @@ def _trainable(feedback: Tensor) -> bool:
     return feedback.requires_grad and feedback.is_leaf
 
 
-def _weight_and_feedback_grads(grad_w, need_w, need_B, grad_b):
-    """``(grad_weight, grad_bias, grad_feedback)`` in the Functions' argument order.
+def _split_weight_grad(grad_w, need_w, need_B):
+    """``(grad_weight, grad_feedback)`` from the one weight gradient ``delta a^T``.
 
-    A trainable ``B`` (Kolen-Pollack) receives the weight gradient ``delta a^T`` itself: a copy when
-    ``W`` needs it too, so the two ``.grad`` never share storage (an in-place change to one, e.g.
-    weight decay, must not reach the other).
+    A trainable ``B`` (Kolen-Pollack) receives the weight gradient itself: a copy when ``W`` needs
+    it too, so the two ``.grad`` never share storage (an in-place change to one, e.g. weight decay,
+    must not reach the other).
     """
     if not need_B:
-        return grad_w, grad_b, None
-    return (grad_w, grad_b, grad_w.clone()) if need_w else (None, grad_b, grad_w)
+        return grad_w, None
+    return (grad_w, grad_w.clone()) if need_w else (None, grad_w)
 
 
 class LinearFeedbackFn(torch.autograd.Function):
@@ -65,23 +65,23 @@ class LinearFeedbackFn(torch.autograd.Function):
         feedback, a, x = ctx.saved_tensors
         if ctx.a_map is not None:
             a = ctx.a_map(a)  # (..., in): the activation matched to this layer's input
-        if x is not None:  # W learns from x, B from a (ASFP)
-            g = grad_out.reshape(-1, grad_out.shape[-1])
-            need_B = ctx.learn_B and ctx.needs_input_grad[3]
-            return (grad_out @ feedback if ctx.needs_input_grad[0] else None,
-                    g.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None,
-                    g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None,
-                    g.T @ a.reshape(-1, a.shape[-1]) if need_B else None, None, None, None)
-        need_w, need_B = ctx.needs_input_grad[1], ctx.learn_B and ctx.needs_input_grad[3]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ feedback  # (..., out) @ (out, in): the only line that differs from BP
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        need_B = ctx.learn_B and ctx.needs_input_grad[3]
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N*, out); a view for the usual 2-D case
-        if need_w or need_B:
-            grad_w = g.T @ a.reshape(-1, a.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
-        return grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b), None, None, None
+
+        def weight_grad(inp: Tensor) -> Tensor:
+            return g.T @ inp.reshape(-1, inp.shape[-1])
+
+        # (..., out) @ (out, in): the only line that differs from BP
+        grad_x = grad_out @ feedback if need_x else None
+        grad_b = g.sum(0) if need_b else None
+        if x is not None:  # W learns from x, B from a (ASFP)
+            grad_w = weight_grad(x) if need_w else None
+            grad_B = weight_grad(a) if need_B else None
+        else:
+            grad_w, grad_B = _split_weight_grad(weight_grad(a) if need_w or need_B else None, need_w, need_B)
+        return grad_x, grad_w, grad_b, grad_B, None, None, None
 
 
 class Conv2dFeedbackFn(torch.autograd.Function):
@@ -103,95 +103,106 @@ class Conv2dFeedbackFn(torch.autograd.Function):
         if ctx.a_map is not None:
             a = ctx.a_map(a)  # (N, C_in, H, W): the activation matched to this layer's input
         stride, padding, dilation, groups = ctx.conv
-        args = (stride, padding, dilation, False, (0, 0), groups)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_B = ctx.learn_B and ctx.needs_input_grad[3]
-        if x is not None:  # W learns from x, B from a (ASFP)
-            need_b = ctx.has_bias and ctx.needs_input_grad[2]
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, x, feedback, [weight.shape[0]] if need_b else None, *args, (need_x, need_w, need_b))
-            grad_B = torch.ops.aten.convolution_backward(
-                grad_out, a, weight, None, *args, (False, True, False))[1] if need_B else None
-            return grad_x, grad_w, grad_b, grad_B, None, None, None, None, None, None, None
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        want_w = need_w or need_B  # a trainable B gets the weight gradient too
+        need_B = ctx.learn_B and ctx.needs_input_grad[3]
         bias_sizes = [weight.shape[0]] if need_b else None
-        contiguous = a.is_contiguous() and weight.is_contiguous() and feedback.is_contiguous()
-        if a.shape == ctx.x_shape and contiguous:
-            # One call: grad_input from the kernel passed (B), grad_weight from the input passed
-            # (a); grad_weight reads only the kernel's shape. Bitwise the two calls below, ~10%
-            # faster on CPU for conv3's 5x5 convs. Other layouts (channels_last) take the two
-            # calls, since the backend picks its kernel from the layouts of input and kernel.
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, a, feedback, bias_sizes, *args, (need_x, want_w, need_b))
-            return (grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b),
-                    None, None, None, None, None, None, None)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, grad_out.new_empty(1).expand(ctx.x_shape), feedback, None, *args,
-                (True, False, False))[0]
-        if want_w or need_b:
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, a, weight, bias_sizes, *args, (False, want_w, need_b))
-        return (grad_x, *_weight_and_feedback_grads(grad_w, need_w, need_B, grad_b),
-                None, None, None, None, None, None, None)
+
+        def conv_backward(inp, kernel, sizes, mask):  # (grad_input, grad_weight, grad_bias) per mask
+            return torch.ops.aten.convolution_backward(
+                grad_out, inp, kernel, sizes, stride, padding, dilation, False, (0, 0), groups, mask)
+
+        if x is not None:  # W learns from x, B from a (ASFP)
+            grad_x, grad_w, grad_b = conv_backward(x, feedback, bias_sizes, (need_x, need_w, need_b))
+            grad_B = conv_backward(a, weight, None, (False, True, False))[1] if need_B else None
+        else:
+            want_w = need_w or need_B  # a trainable B gets the weight gradient too
+            contiguous = a.is_contiguous() and weight.is_contiguous() and feedback.is_contiguous()
+            if a.shape == ctx.x_shape and contiguous:
+                # One call: grad_input from the kernel passed (B), grad_weight from the input passed
+                # (a); grad_weight reads only the kernel's shape. Bitwise the two calls below, ~10%
+                # faster on CPU for conv3's 5x5 convs. Other layouts (channels_last) take the two
+                # calls, since the backend picks its kernel from the layouts of input and kernel.
+                grad_x, grad_w, grad_b = conv_backward(a, feedback, bias_sizes, (need_x, want_w, need_b))
+            else:
+                grad_x = grad_w = grad_b = None
+                if need_x:
+                    grad_x = conv_backward(grad_out.new_empty(1).expand(ctx.x_shape), feedback, None,
+                                           (True, False, False))[0]
+                if want_w or need_b:
+                    _, grad_w, grad_b = conv_backward(a, weight, bias_sizes, (False, want_w, need_b))
+            grad_w, grad_B = _split_weight_grad(grad_w, need_w, need_B)
+        return grad_x, grad_w, grad_b, grad_B, None, None, None, None, None, None, None
 
 
-class FeedbackLinear(nn.Module):
+class _FeedbackModule(nn.Module):
+    """What the feedback twins share: ``W``/``b`` of the replaced layer, the buffer ``B``, the
+    activation-sharing hooks and the forward. Subclasses give ``_fn`` (their Function), ``_fn_args``
+    and ``_plain`` (the layer's own forward, used when no gradient is recorded)."""
+
+    def __init__(self, layer: nn.Module, feedback: Tensor):
+        super().__init__()
+        self.weight, self.bias = layer.weight, layer.bias
+        self.register_buffer("feedback", feedback.detach().clone().contiguous())
+        self.activation_override: Tensor | None = None
+        #: maps ``activation_override`` to this layer's input shape, in backward (see the Functions)
+        self.activation_map: Callable[[Tensor], Tensor] | None = None
+        #: True: the override feeds only B's gradient (a trainable B); W's comes from the input
+        self.override_feeds_B_only = False
+
+    _fn: type[torch.autograd.Function]
+    _fn_args: tuple = ()  # the Function's arguments after ``a`` (the conv geometry)
+
+    def _plain(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return self._plain(x)
+        if self.activation_override is None:
+            return self._fn.apply(x, self.weight, self.bias, self.feedback, x, *self._fn_args)
+        return self._fn.apply(x, self.weight, self.bias, self.feedback, self.activation_override,
+                              *self._fn_args, self.activation_map, self.override_feeds_B_only)
+
+
+class FeedbackLinear(_FeedbackModule):
     """A Linear layer's parameters plus a feedback buffer ``B`` used in its backward.
 
     Holds the *same* ``weight``/``bias`` Parameters as the layer it replaces, so optimizers,
     state dicts (keys ``weight``, ``bias``, ``feedback``) and inference see the original layer.
     """
 
-    def __init__(self, layer: nn.Linear, feedback: Tensor):
-        super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.weight, self.bias = layer.weight, layer.bias
-        self.register_buffer("feedback", feedback.detach().clone().contiguous())
-        self.activation_override: Tensor | None = None
-        #: maps ``activation_override`` to this layer's input shape, in backward (see the Functions)
-        self.activation_map: Callable[[Tensor], Tensor] | None = None
-        #: True: the override feeds only B's gradient (a trainable B); W's comes from the input
-        self.override_feeds_B_only = False
+    _fn = LinearFeedbackFn
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        if self.activation_override is None:
-            return LinearFeedbackFn.apply(x, self.weight, self.bias, self.feedback, x)
-        return LinearFeedbackFn.apply(x, self.weight, self.bias, self.feedback, self.activation_override,
-                                      self.activation_map, self.override_feeds_B_only)
+    def __init__(self, layer: nn.Linear, feedback: Tensor):
+        super().__init__(layer, feedback)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def _plain(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, feedback=B"
 
 
-class FeedbackConv2d(nn.Module):
+class FeedbackConv2d(_FeedbackModule):
     """A Conv2d layer's parameters plus a feedback kernel ``B`` used in its backward."""
 
+    _fn = Conv2dFeedbackFn
+
     def __init__(self, layer: nn.Conv2d, feedback: Tensor):
-        super().__init__()
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ValueError("feedback Conv2d supports numeric zero padding only; "
                              f"got padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
-        self.weight, self.bias = layer.weight, layer.bias
+        super().__init__(layer, feedback)
         self.conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
-        self.register_buffer("feedback", feedback.detach().clone().contiguous())
-        self.activation_override: Tensor | None = None
-        #: maps ``activation_override`` to this layer's input shape, in backward (see the Functions)
-        self.activation_map: Callable[[Tensor], Tensor] | None = None
-        #: True: the override feeds only B's gradient (a trainable B); W's comes from the input
-        self.override_feeds_B_only = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return F.conv2d(x, self.weight, self.bias, *self.conv)
-        if self.activation_override is None:
-            return Conv2dFeedbackFn.apply(x, self.weight, self.bias, self.feedback, x, *self.conv)
-        return Conv2dFeedbackFn.apply(x, self.weight, self.bias, self.feedback, self.activation_override,
-                                      *self.conv, self.activation_map, self.override_feeds_B_only)
+    @property
+    def _fn_args(self) -> tuple:
+        return self.conv
+
+    def _plain(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, *self.conv)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, stride={self.conv[0]}, padding={self.conv[1]}, feedback=B"
@@ -247,6 +258,18 @@ def learn_feedback(layer: FeedbackLayer) -> nn.Parameter:
     layer.feedback = nn.Parameter(layer.feedback)  # nn.Module drops the buffer of the same name
     return layer.feedback
 
+
+
+@torch.no_grad()
+def kp_decay_(layers: list[FeedbackLayer], decay: float) -> None:
+    """Kolen-Pollack decay: add ``decay * p`` to the ``.grad`` (where there is one) of every layer's
+    ``W`` and ``B``, the same L2 decay on both, so ``W - B`` shrinks. Nothing when ``decay`` is 0."""
+    if not decay:
+        return
+    for layer in layers:
+        for p in (layer.weight, layer.feedback):
+            if p.grad is not None:
+                p.grad.add_(p, alpha=decay)
 
 @torch.no_grad()
 def mirror_product(layer: FeedbackLayer, n: int, std: float) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..mechanisms.feedback import attach_feedback, learn_feedback, random_like_init
+from ..mechanisms.feedback import attach_feedback, kp_decay_, learn_feedback, random_like_init
 from ..mechanisms.local import LinearLocal, freeze
 from ..registry import register_rule
 from .base import placement, resolve_input_shape
@@ -239,11 +239,7 @@ class _LocalFA(LocalClassifier):
 
     def step(self, x, y):
         out = super().step(x, y)
-        if self.kp_decay:
-            with torch.no_grad():
-                for p in (p for layer in self.layers for p in (layer.weight, layer.feedback)):
-                    if p.grad is not None:
-                        p.grad.add_(p, alpha=self.kp_decay)  # as kp: the same L2 decay on W and B
+        kp_decay_(self.layers, self.kp_decay)  # as kp: the same L2 decay on W and B
         return out
 
 

@@ -1,9 +1,8 @@
 """Modified Kolen-Pollack: B gets W's update, and decay pulls the two together."""
 
-import torch
 from torch import nn
 
-from ..mechanisms.feedback import learn_feedback
+from ..mechanisms.feedback import kp_decay_, learn_feedback
 from ..registry import register_rule
 from .fa import FA
 
@@ -51,9 +50,5 @@ class KolenPollack(FA):
 
     def step(self, x, y):
         out = super().step(x, y)
-        if self.kp_decay:
-            with torch.no_grad():
-                for p in (p for layer in self.layers for p in (layer.weight, layer.feedback)):
-                    if p.grad is not None:
-                        p.grad.add_(p, alpha=self.kp_decay)  # L2 decay, the same on W and B
+        kp_decay_(self.layers, self.kp_decay)  # L2 decay, the same on W and B
         return out
