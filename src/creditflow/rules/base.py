@@ -115,6 +115,21 @@ class DirectRule(Rule):
     def hidden_output_shapes(self) -> list[torch.Size]:
         return block_output_shapes(self._hidden, self.input_shape)
 
+    def feedback_matrices(self) -> list[Tensor]:
+        """The (C, n_i) matrix each hidden block's signal is made with, if the rule has one."""
+        return []
+
+    def feedback_pairs(self):
+        """Each block's feedback matrix beside the downstream product it stands in for (MLPs)."""
+        matrices = self.feedback_matrices()
+        if not matrices:
+            return {}
+        try:
+            products = self.downstream_products()
+        except ValueError:  # conv blocks: no matrix to compare with
+            return {}
+        return {f"block{i}": pair for i, pair in enumerate(zip(matrices, products))}
+
     def downstream_products(self) -> list[Tensor]:
         """For hidden block i, ``W_L ... W_{i+1}`` over every block after it (MLPs only)."""
         blocks = list(self.model.children())

@@ -40,12 +40,8 @@ class DFA(DirectRule):
         if feedback_init == "product":
             self.feedback.set_matrices(self.downstream_products())
 
-    def feedback_pairs(self):
-        try:
-            products = self.downstream_products()
-        except ValueError:  # conv blocks: no matrix to compare with
-            return {}
-        return {f"block{i}": pair for i, pair in enumerate(zip(self.feedback.matrices, products))}
+    def feedback_matrices(self) -> list[Tensor]:
+        return self.feedback.matrices
 
     def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor]:
         return self.feedback(e)

@@ -71,12 +71,8 @@ class LAS(DirectRule):
         goal = self.local_target(logits, target)
         return sum(self.local_objective(m(h.detach()), goal) for m, h in zip(self.local, outputs))
 
-    def feedback_pairs(self):
-        try:
-            products = self.downstream_products()
-        except ValueError:  # conv blocks: no matrix to compare with
-            return {}
-        return {f"block{i}": (m.weight.detach(), p) for i, (m, p) in enumerate(zip(self.local, products))}
+    def feedback_matrices(self) -> list[Tensor]:
+        return [m.weight.detach() for m in self.local]
 
 
 @register_rule("ltas", summary="LAS with local modules trained on the target (softmax cross-entropy)",
@@ -116,8 +112,10 @@ class LTAS(LAS):
         if self.update_early and outputs:
             with torch.enable_grad():  # the step computes signals under no_grad
                 params = list(self.local.parameters())
-                grads = torch.autograd.grad(super().local_loss(outputs, e, target), params)
-            torch._foreach_add_(params, grads, alpha=-self.local_lr)
+                # LTAS's local target is y*, so the (not yet used) logits are not needed here.
+                grads = torch.autograd.grad(super().local_loss(outputs, None, target), params)
+            for p, g in zip(params, grads):
+                p.add_(g, alpha=-self.local_lr)
         return super().signals(e, target, outputs)
 
     def local_loss(self, outputs: list[Tensor], logits: Tensor, target: Tensor) -> Tensor | None:
