@@ -76,6 +76,14 @@ class Rule(nn.Module):
         """
         return {}
 
+    def step_metrics(self) -> dict[str, Tensor]:
+        """Scalars of the last ``step`` beside the loss (detached tensors, no ``.item()`` here).
+
+        The trainer averages them over an epoch and writes them to ``metrics.jsonl``; e.g. the
+        associated loss of every component (AL). Rules with nothing to report return ``{}``.
+        """
+        return {}
+
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         logits = self.model(x)
         loss = self.loss.value(logits, y)

@@ -145,6 +145,7 @@ def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, prog
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = n_steps = 0
+    extra_sums: dict[str, torch.Tensor] = {}  # rule.step_metrics(), summed on device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=steps, desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -166,6 +167,8 @@ def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, prog
         opt.zero_grad(set_to_none=True)
         loss_sum += out.loss * len(y)  # kept on device: no sync in the hot loop
         correct += (out.logits.argmax(-1) == y).sum()
+        for name, value in rule.step_metrics().items():
+            extra_sums[name] = extra_sums.get(name, 0) + value.detach().float()
         seen += len(y)
         n_steps += 1
         bar.update()
@@ -179,4 +182,5 @@ def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, prog
                             f"checkpoint is kept (try a smaller --lr)")
     return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
             "seconds_per_step": seconds / max(n_steps, 1),
-            "saved_for_backward_bytes": saved, "peak_memory_bytes": peak_memory(device)}
+            "saved_for_backward_bytes": saved, "peak_memory_bytes": peak_memory(device),
+            **{name: total.item() / max(n_steps, 1) for name, total in extra_sums.items()}}
