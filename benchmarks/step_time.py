@@ -42,7 +42,6 @@ import torch
 
 import creditflow as cf
 from creditflow.diagnostics import peak_memory
-from creditflow.registry import RULES
 
 #: benchmark name -> (model spec, per-sample input shape); batch and classes come from options
 MODELS = {
@@ -143,7 +142,7 @@ def bench_model(model_key: str, rule_names: list[str], *, device, batch, classes
     for name in rule_names:
         torch.manual_seed(seed)  # every rule starts from the same weights
         model = cf.models.build(spec, input_shape=shape, num_classes=classes).to(device)
-        rule = cf.rules.build(name, model, num_classes=classes)
+        rule = cf.rules.build_spec(name, model, num_classes=classes)
         runs[name] = (rule, OPTIMIZERS[optimizer](list(rule.parameters())))
 
     def one_step(rule, opt) -> tuple[float, float]:
@@ -226,8 +225,10 @@ def parse_rules(text: str) -> list[str]:
     if not names:
         raise click.BadParameter("give at least one rule, e.g. bp,dfa")
     for name in names:
-        if name not in cf.rules.available():
-            raise click.BadParameter(RULES.unknown_message(name))
+        try:
+            cf.rules.parse_spec(name)  # "asap:k=4:saved_norm=bfloat16" carries options
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
     if len(set(names)) != len(names):
         raise click.BadParameter(f"rule listed twice in {text!r}")
     return names
@@ -235,7 +236,7 @@ def parse_rules(text: str) -> list[str]:
 
 @click.command()
 @click.option("--rules", "rules_text", default="bp,shallow,fa,dfa,drtp,las,ltas", show_default=True,
-              help="comma-separated rule names; BP must be among them for the ratio columns")
+              help="comma-separated rules, options after colons (asap:k=4); BP must be among them for the ratios")
 @click.option("--models", "model_keys", default="mlp,conv3", show_default=True,
               help=f"comma-separated, from: {', '.join(MODELS)}")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 import creditflow as cf
@@ -135,6 +136,47 @@ def test_asap_saves_fewer_tensor_bytes_than_bp():
     bp_bytes = saved_tensor_bytes(lambda: bp.step(x, y), exclude=bp)
     asap_bytes = saved_tensor_bytes(lambda: asap.step(x, y), exclude=asap)
     assert asap_bytes < bp_bytes
+
+
+def test_asap_saved_bytes_on_resnet18_against_bp():
+    # resnet18 keeps 4 full maps per BasicBlock under BP: the block input, BN1's input, ReLU1's
+    # output (conv2's input) and BN2's input. ASAP (k=2) drops the unshared conv inputs (ReLU
+    # masks instead); BN inputs stay unless saved as bfloat16 x_hat (see mechanisms/compact.py).
+    torch.manual_seed(0)
+    model = cf.models.build("resnet18", width=8, input_shape=(3, 32, 32), num_classes=10)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+
+    def ratio(name, **options):
+        rule = cf.rules.build(name, copy.deepcopy(model), num_classes=10, **options)
+        return saved_tensor_bytes(lambda: rule.step(x, y), exclude=rule)
+
+    bp = ratio("bp")
+    exact, k4 = ratio("asap", k=2) / bp, ratio("asap", k=4) / bp
+    assert exact < 0.9 and k4 < exact - 0.05
+    assert ratio("asap", k=2, saved_norm="bfloat16") / bp < 0.7  # the "30% fewer bytes"
+    assert ratio("asfp", k=2) / bp > 0.95  # W reads every layer's own input: nothing to drop
+
+
+def test_compacted_asap_gives_the_gradients_of_uncompacted_asap():
+    torch.manual_seed(0)
+    model = cf.models.build("resnet18", width=4, input_shape=(3, 16, 16), num_classes=5).double()
+    x, y = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.randint(0, 5, (3,))
+    torch.manual_seed(1)  # the same random B for both
+    compacted = cf.rules.build("asap", copy.deepcopy(model), num_classes=5, saved_norm="normalized")
+    torch.manual_seed(1)
+    plain = cf.rules.build("asap", copy.deepcopy(model), num_classes=5)
+    for layer in plain.model.modules():  # undo the ReLU/max-pool swap: PyTorch's own modules
+        for name, child in layer.named_children():
+            if isinstance(child, nn.ReLU) and type(child) is not nn.ReLU:
+                setattr(layer, name, nn.ReLU())
+    assert any(type(m).__name__ == "CompactBatchNorm2d" for m in compacted.model.modules())
+    assert not any(type(m).__name__ == "MaskReLU" for m in plain.model.modules())
+    compacted.step(x, y), plain.step(x, y)
+    pairs = [(name, a, b) for (name, a), b in zip(compacted.named_parameters(), nn.Module.parameters(plain))
+             if a.requires_grad]
+    assert len(pairs) > 40
+    for name, a, b in pairs:
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_period_longer_than_the_network_and_bad_options():

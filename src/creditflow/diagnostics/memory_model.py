@@ -106,7 +106,7 @@ def memory_table(model: str, rules: list[str], batch_size: int = 64, num_classes
     for name in rules:
         torch.manual_seed(seed)
         net = model_registry.build(model, num_classes=num_classes, **(model_options or {}))
-        rule = rule_registry.build(name, net, num_classes).to(device)
+        rule = rule_registry.build_spec(name, net, num_classes).to(device)  # "asap:k=4" carries options
         shape = tuple(getattr(net, "input_shape"))
         if x is None:
             g = torch.Generator().manual_seed(seed)

@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import yaml
 from torch import nn
 
 from ..registry import RULES
-from . import activation_sharing, bp, dfa, drtp, fa, forward_alignment, kolen_pollack, las, local_classifier, shallow, sign_symmetry, weight_mirror  # noqa: F401  (import is registration)
+from . import activation_sharing, associated_learning, bp, dfa, drtp, fa, forward_alignment, kolen_pollack, las, local_classifier, shallow, sign_symmetry, weight_mirror  # noqa: F401  (import is registration)
+from . import dtp  # noqa: F401
 from .base import DirectRule, Rule, StepResult
 
 
@@ -21,8 +25,31 @@ def build(name: str, model: nn.Module, num_classes: int, **options) -> Rule:
         raise ValueError(f"bad options for rule {name!r}: {err}") from None
 
 
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"dfa:feedback_init=product:seed=3"`` -> ``("dfa", {"feedback_init": "product", "seed": 3})``.
+
+    Values are read as YAML scalars (``3`` an int, ``true`` a bool); dashes in keys become underscores.
+    """
+    name, *pairs = [part.strip() for part in spec.split(":")]
+    if name not in RULES:
+        raise ValueError(RULES.unknown_message(name))
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad rule spec {spec!r}: expected name:key=value[:key=value], got {pair!r}")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    return name, options
+
+
+def build_spec(spec: str, model: nn.Module, num_classes: int, **options) -> Rule:
+    """:func:`build` from a spec with options after colons, e.g. ``"asap:k=4"``; ``options`` add to them."""
+    name, spec_options = parse_spec(spec)
+    return build(name, model, num_classes, **{**spec_options, **options})
+
+
 def available() -> list[str]:
     return RULES.available()
 
 
-__all__ = ["DirectRule", "Rule", "StepResult", "build", "available"]
+__all__ = ["DirectRule", "Rule", "StepResult", "available", "build", "build_spec", "parse_spec"]

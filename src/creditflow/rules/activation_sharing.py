@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..mechanisms.compact import compact_activations
 from ..mechanisms.feedback import attach_feedback, kp_decay_, learn_feedback, random_like_init
 from ..mechanisms.local import LinearLocal, freeze
 from ..registry import register_rule
@@ -71,7 +72,14 @@ class SharedActivations:
         match: ``1``/``"max"``, ``2``/``"avg"`` or ``3``/``"random"`` (Sec. 5.2.1's methods).
         train_first: False (the thesis, Sec. 5.1.1): the first layer is frozen (not trained); True
             trains it as the first layer of the first group.
+        saved_norm: what BatchNorm keeps for backward: ``"input"`` (PyTorch's own),
+            ``"normalized"`` (``x_hat``, exact, the same bytes) or ``"bfloat16"`` (``x_hat``
+            rounded: half the bytes, lossy in the backward pass only; see mechanisms/compact.py).
         input_shape: per-sample input shape, to size the matching (default: the model's).
+
+    Unless the shared activation feeds only ``B`` (ASFP, whose ``W`` still reads every layer's
+    input), ReLUs keep boolean masks: with the next layer saving ``h~_m`` instead of the ReLU's
+    output, the float output would otherwise stay alive for the ReLU's backward alone.
     """
 
     #: True (ASFP): the shared activation feeds only B's gradient; W learns from its own input
@@ -80,7 +88,8 @@ class SharedActivations:
     base_takes_input_shape = False
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", *, k: int = 2,
-                 match: int | str = 1, train_first: bool = False, input_shape=None, **options):
+                 match: int | str = 1, train_first: bool = False, saved_norm: str = "input", input_shape=None,
+                 **options):
         input_shape = resolve_input_shape(model, input_shape)  # before Linear layers become feedback layers
         if self.base_takes_input_shape:
             options["input_shape"] = input_shape
@@ -111,6 +120,7 @@ class SharedActivations:
                 C = torch.randn(rows, cols, **placement(model)) / math.sqrt(cols)  # FA's fixed C
                 self.register_buffer(f"match{j}", C)
         self._shared: dict[int, Tensor] = {}  # group -> h~_m, during a step only
+        compact_activations(model, relu_mask=not self.shared_feeds_B_only, saved_norm=saved_norm)
 
     def _share(self, j: int, layer: nn.Module, args) -> None:
         g, is_source, shape = self._plan[j]

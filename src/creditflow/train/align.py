@@ -26,24 +26,12 @@ from tqdm.auto import tqdm
 
 from .. import data
 from ..diagnostics import measure
-from ..registry import RULES
+from ..rules import parse_spec as parse_rule_spec
 from .checkpoint import atomic_write, write_json, write_text
-from .config import RunConfig, registered
+from .config import RunConfig
 from .loop import NonFiniteLoss, build_run, evaluate, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def parse_rule_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"dfa:feedback_init=product:seed=3"`` -> ``("dfa", {"feedback_init": "product", "seed": 3})``."""
-    name, *pairs = [part.strip() for part in spec.split(":")]
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"bad rule spec {spec!r}: expected name:key=value[:key=value], got {pair!r}")
-        options[key.replace("-", "_")] = yaml.safe_load(value)
-    return registered(RULES, name), options
 
 
 class AlignConfig(RunConfig):
