@@ -107,3 +107,19 @@ def assert_step_is_mlp_fa(rule, model, x, y, weights, biases, feedback):
         torch.testing.assert_close(layer.weight.grad, w)
         torch.testing.assert_close(layer.bias.grad, b)
     assert model[0].unused.grad is None
+
+
+def tiny_associated(kind="mlp", seed=0, batch_norm=False):
+    """Associated-learning twins of :func:`tiny_mlp` (``kind="mlp"``) and :func:`tiny_cnn` (``"cnn"``):
+    two components (ELU encoders, 4-unit label side, 6-unit bridges), float64, 3 classes."""
+    from creditflow.models.associated import fold  # a model builder, not a rule mechanism
+
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        units, shape = [nn.Sequential(nn.Linear(6, 5), nn.ELU()), nn.Sequential(nn.Linear(5, 4), nn.ELU())], (6,)
+    else:
+        units = [nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+                               *([nn.BatchNorm2d(c_out)] if batch_norm else []), nn.ELU())
+                 for c_in, c_out in ((2, 3), (3, 4))]
+        shape = (2, 8, 8)
+    return fold(units, input_shape=shape, num_classes=3, width=4, bridge_width=6).double()

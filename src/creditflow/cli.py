@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from .registry import DATASETS, MODELS, RULES
 from .train.align import AlignConfig
+from .train.analyze import AnalyzeOptions
 from .train.config import CompareConfig, RunConfig
 from .train.reproduce import ReproduceOptions
 
@@ -164,6 +165,28 @@ def align(config_file, quiet, rule_option, model_option, **flags):
 
 
 @main.command()
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.option("--quiet", is_flag=True, help="no progress bar or log")
+@schema_options(AnalyzeOptions)
+def analyze(run_dirs, quiet, **flags):
+    """Class distances and t-SNE of each layer of finished runs, and their metric families (AL paper Sec. 5.3-5.4)."""
+    from .train.analyze import analyze as run_analyze, runs_markdown, to_markdown
+
+    opts = resolve(AnalyzeOptions, None, flags)
+    progress = setup_logging(quiet)
+    results = []
+    for run_dir in run_dirs:
+        try:
+            results.append(run_analyze(run_dir, opts, progress=progress))
+        except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
+            raise click.ClickException(str(err)) from None
+        click.echo(to_markdown(results[-1]))
+        click.echo(f"results in {run_dir.rstrip('/')}/analysis/")
+    if len(results) > 1:
+        click.echo(runs_markdown(results))
+
+
+@main.command()
 @click.argument("preset")
 @click.option("--quiet", is_flag=True, help="no progress bar or epoch log")
 @schema_options(ReproduceOptions)
@@ -182,34 +205,45 @@ def reproduce(preset, quiet, **flags):
 
 
 @main.command()
-@click.option("--model", default="resnet18", show_default=True, help="model spec")
-@click.option("--rules", "rule_names", default="bp,fa,dfa", show_default=True, help="comma-separated rules")
+@click.option("--model", "model_names", default="resnet18", show_default=True,
+              help="model spec, or several comma-separated (one table each; --plot then compares them)")
+@click.option("--rules", "rule_names", default="bp,fa,dfa", show_default=True,
+              help="comma-separated rules, options after colons (asap:k=4:saved_norm=bfloat16)")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="extra model argument, e.g. width=16")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write the access bar chart (.png or .svg)")
 @click.option("--out", type=click.Path(dir_okay=False), help="write the rows as JSON")
-def memory(model, rule_names, batch_size, num_classes, device, model_option, plot, out):
+def memory(model_names, rule_names, batch_size, num_classes, device, model_option, plot, out):
     """Memory per rule: bytes saved for backward (measured) and external memory accesses (modelled)."""
-    from .diagnostics.memory_model import memory_table, plot_access, to_markdown
+    from .diagnostics.memory_model import memory_table, plot_access, plot_access_across, to_markdown
+    from .rules import parse_spec
     from .train.checkpoint import write_json
 
     names = [n.strip() for n in rule_names.split(",") if n.strip()]
     for name in names:
-        if name not in RULES:
-            raise click.BadParameter(RULES.unknown_message(name), param_hint="--rules")
+        try:
+            parse_spec(name)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--rules") from None
     if plot and not plot.endswith((".png", ".svg")):
         raise click.BadParameter(f"plot file must end in .png or .svg, got {plot!r}", param_hint="--plot")
+    model_list = [m.strip() for m in model_names.split(",") if m.strip()]
+    tables = {}
     try:
-        rows = memory_table(model, names, batch_size, num_classes, device, key_values(model_option, "--model-option"))
-        if plot:
-            plot_access(rows, model, plot)
+        for model in model_list:
+            tables[model] = memory_table(model, names, batch_size, num_classes, device,
+                                         key_values(model_option, "--model-option"))
+            click.echo(to_markdown(tables[model], model, batch_size))
+        if plot and len(tables) == 1:
+            plot_access(tables[model_list[0]], model_list[0], plot)
+        elif plot:
+            plot_access_across(tables, plot)
     except (ValueError, ImportError) as err:
         raise click.ClickException(str(err)) from None
     if out:
-        write_json(out, rows)
-    click.echo(to_markdown(rows, model, batch_size))
+        write_json(out, tables[model_list[0]] if len(tables) == 1 else tables)
 
 
 def listing(registry):

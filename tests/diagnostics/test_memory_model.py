@@ -39,3 +39,24 @@ def test_memory_command_prints_both_tables(tmp_path):
     assert plot.read_text().lstrip().startswith("<?xml") and (tmp_path / "rows.json").exists()
     result = CliRunner().invoke(main, ["memory", "--rules", "bp,asapp"])
     assert result.exit_code == 2 and "unknown rule 'asapp'" in result.output
+
+
+def test_trained_feedback_counts_as_parameters_unless_the_thesis_accounting_is_asked_for():
+    bp = external_memory_access(rule("bp"), (784,), batch_size=4)
+    kp = external_memory_access(rule("kp"), (784,), batch_size=4)
+    weights = 784 * 64 + 64 * 32 + 32 * 10
+    assert kp.feedback_params == weights and kp.params == bp.params + weights
+    assert kp.total == bp.total + 3 * weights  # Param appears 3 times in eqs. 6.1-6.2
+    assert kp.total_forward_weights_only == bp.total
+    assert bp.feedback_params == 0 and bp.total_forward_weights_only == bp.total
+
+
+def test_memory_command_compares_networks_in_one_figure(tmp_path):
+    plot = tmp_path / "networks.svg"
+    result = CliRunner().invoke(main, ["memory", "--model", "mlp:784-32-10,mlp:784-16-16-10", "--rules",
+                                       "bp,asap:k=2", "--batch-size", "4", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("Measured on") == 2 and "B not counted" in result.output
+    assert plot.read_text().count("mlp:784-16-16-10") >= 1
+    result = CliRunner().invoke(main, ["memory", "--rules", "bp,asap:k"])
+    assert result.exit_code != 0 and "expected name:key=value" in result.output

@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 import creditflow as cf
+from creditflow.registry import RULES
 
 C = 5
 
@@ -97,6 +98,14 @@ def test_head_learns_as_in_bp_and_blocks_do_not():
 @pytest.mark.parametrize("rule_name", cf.rules.available())
 def test_every_rule_trains_a_resnet(rule_name, model_name):
     model = tiny_resnet(model_name)
+    if getattr(RULES.get(rule_name).builder, "mlp_only", False):  # DTP: fully connected models only
+        with pytest.raises(ValueError, match="needs an MLP"):
+            cf.rules.build(rule_name, model, num_classes=C)
+        return
+    if getattr(RULES.get(rule_name).builder, "model_type", None) is not None:  # AL: AssociatedNets only
+        with pytest.raises(ValueError, match="needs an associated-learning model"):
+            cf.rules.build(rule_name, model, num_classes=C)
+        return
     rule = cf.rules.build(rule_name, model, num_classes=C)
     params = list(rule.parameters())
     assert params

@@ -6,10 +6,26 @@ import pytest
 import torch
 
 import creditflow as cf
-from tests.reference import batch, tiny_cnn, tiny_mlp
+from creditflow.registry import RULES as RULES_REGISTRY
+from tests.reference import batch, tiny_associated, tiny_cnn, tiny_mlp
 
 RULES = cf.rules.available()
 MODELS = {"mlp": lambda: tiny_mlp(unused_parameter=False), "cnn": tiny_cnn, "cnn-bn": lambda: tiny_cnn(batch_norm=True)}
+
+
+AL_MODELS = {"mlp": lambda: tiny_associated("mlp"), "cnn": lambda: tiny_associated("cnn"),
+             "cnn-bn": lambda: tiny_associated("cnn", batch_norm=True)}
+
+
+def make_model(rule_name, model_name):
+    """The tiny model of that kind; a rule that names a ``model_type`` (AL) gets its tiny twin of that type."""
+    needs = getattr(RULES_REGISTRY.get(rule_name).builder, "model_type", None)
+    return (AL_MODELS if needs is not None else MODELS)[model_name]()
+
+
+def mlp_only(rule_name):
+    """Rules for fully connected models only (``mlp_only = True``, e.g. DTP) reject conv models."""
+    return getattr(RULES_REGISTRY.get(rule_name).builder, "mlp_only", False)
 
 
 def buffers_to_keep(rule):
@@ -24,7 +40,11 @@ def buffers_to_keep(rule):
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("rule_name", RULES)
 def test_rule_contract(rule_name, model_name):
-    model = MODELS[model_name]()
+    model = make_model(rule_name, model_name)
+    if model_name != "mlp" and mlp_only(rule_name):
+        with pytest.raises(ValueError, match="needs an MLP"):
+            cf.rules.build(rule_name, model, num_classes=3)
+        return
     rule = cf.rules.build(rule_name, model, num_classes=3)
     params = list(rule.parameters())
     assert params and all(p.requires_grad for p in params)
@@ -45,7 +65,7 @@ def test_rule_contract(rule_name, model_name):
     x, _ = batch(model.input_shape)
     assert model(x).shape == (7, 3)
     # state_dict round-trips into a freshly built rule.
-    twin = cf.rules.build(rule_name, copy.deepcopy(MODELS[model_name]()), num_classes=3)
+    twin = cf.rules.build(rule_name, copy.deepcopy(make_model(rule_name, model_name)), num_classes=3)
     twin.load_state_dict(rule.state_dict())
     twin.eval()
     torch.testing.assert_close(twin.model(x), model(x))
@@ -68,6 +88,10 @@ def test_rules_work_on_a_users_own_sequential():
                                 torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()),
                                 torch.nn.Linear(8, 2))
     for name in RULES:
+        if getattr(RULES_REGISTRY.get(name).builder, "model_type", None) is not None:  # AL: its own models
+            with pytest.raises(ValueError, match="needs an associated-learning model"):
+                cf.rules.build(name, copy.deepcopy(model), num_classes=2)
+            continue
         rule = cf.rules.build(name, copy.deepcopy(model), num_classes=2)
         rule.step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
         assert all(p.grad is not None for p in rule.parameters())

@@ -28,10 +28,16 @@ WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, FeedbackLinear, FeedbackConv2d)
 
 @dataclass(frozen=True)
 class MemoryAccess:
-    """Element counts (not bytes) of one training step of a batch."""
+    """Element counts (not bytes) of one training step of a batch.
+
+    ``params`` counts every trained weight, a trained feedback ``B`` (KP, ASAP) included;
+    ``feedback_params`` is that ``B``'s share. The thesis's Fig. 6.1 shows ASAP below BP, which
+    holds only if ``B`` is not counted: :attr:`total_forward_weights_only` is that accounting.
+    """
 
     params: int
     activations: int
+    feedback_params: int = 0
 
     @property
     def forward_reads(self) -> int:
@@ -53,9 +59,15 @@ class MemoryAccess:
     def total(self) -> int:
         return self.forward_reads + self.forward_writes + self.backward_reads + self.backward_writes
 
+    @property
+    def total_forward_weights_only(self) -> int:
+        """:attr:`total` with ``Param`` counting the forward weights alone (each Param term minus ``B``)."""
+        return self.total - 3 * self.feedback_params
+
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "forward_reads": self.forward_reads, "forward_writes": self.forward_writes,
-                "backward_reads": self.backward_reads, "backward_writes": self.backward_writes, "total": self.total}
+                "backward_reads": self.backward_reads, "backward_writes": self.backward_writes, "total": self.total,
+                "total_forward_weights_only": self.total_forward_weights_only}
 
 
 def weight_gradient_inputs(rule: nn.Module, x: torch.Tensor) -> int:
@@ -87,9 +99,11 @@ def weight_gradient_inputs(rule: nn.Module, x: torch.Tensor) -> int:
 def external_memory_access(rule: nn.Module, input_shape, batch_size: int = 1) -> MemoryAccess:
     """The thesis's access counts for one training step of ``rule`` on ``batch_size`` inputs."""
     params = sum(p.numel() for p in rule.model.parameters() if p.requires_grad)
+    feedback = sum(m.feedback.numel() for m in rule.model.modules()
+                   if isinstance(m, (FeedbackLinear, FeedbackConv2d)) and m.feedback.requires_grad)
     p = next(rule.model.parameters())
     x = torch.zeros(batch_size, *input_shape, device=p.device, dtype=p.dtype)
-    return MemoryAccess(params=params, activations=weight_gradient_inputs(rule, x))
+    return MemoryAccess(params=params, activations=weight_gradient_inputs(rule, x), feedback_params=feedback)
 
 
 def memory_table(model: str, rules: list[str], batch_size: int = 64, num_classes: int = 10,
@@ -120,6 +134,7 @@ def memory_table(model: str, rules: list[str], batch_size: int = 64, num_classes
     for r in rows:
         r["saved_vs_bp"] = r["saved_for_backward_bytes"] / base["saved_for_backward_bytes"]
         r["access_vs_bp"] = r["total"] / base["total"]
+        r["access_forward_weights_only_vs_bp"] = r["total_forward_weights_only"] / base["total"]
     return rows
 
 
@@ -132,17 +147,18 @@ def to_markdown(rows: list[dict], model: str, batch_size: int) -> str:
         peak = "n/a" if r["device_peak_bytes"] is None else f"{r['device_peak_bytes'] / mib:.1f}"
         lines.append(f"| {r['rule']} | {r['saved_for_backward_bytes'] / mib:.2f} | {r['saved_vs_bp']:.2f}x | {peak} |")
     lines += ["", "Modelled external memory accesses (ASAP thesis ch. 6, elements, millions):", "",
-              "| rule | Param | Act | fwd reads | fwd writes | bwd reads | bwd writes | total | vs BP |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| rule | Param | Act | fwd reads | fwd writes | bwd reads | bwd writes | total | vs BP "
+              "| vs BP, B not counted |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = [r[k] / 1e6 for k in ("params", "activations", "forward_reads", "forward_writes", "backward_reads",
                                   "backward_writes", "total")]
-        lines.append(f"| {r['rule']} | " + " | ".join(f"{v:.3f}" for v in m) + f" | {r['access_vs_bp']:.2f}x |")
+        lines.append(f"| {r['rule']} | " + " | ".join(f"{v:.3f}" for v in m)
+                     + f" | {r['access_vs_bp']:.2f}x | {r['access_forward_weights_only_vs_bp']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
-def plot_access(rows: list[dict], model: str, path) -> None:
-    """A bar chart of modelled accesses per rule, split into forward and backward (thesis Fig. 6.1)."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -150,8 +166,19 @@ def plot_access(rows: list[dict], model: str, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install 'creditflow[plot]'") from None
+    return plt
+
+
+def _save(fig, path) -> None:
     from ..train.checkpoint import atomic_write
 
+    fmt = str(path).rsplit(".", 1)[-1]
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt))
+
+
+def plot_access(rows: list[dict], model: str, path) -> None:
+    """A bar chart of modelled accesses per rule, split into forward and backward (thesis Fig. 6.1)."""
+    plt = _pyplot()
     names = [r["rule"] for r in rows]
     fwd = [(r["forward_reads"] + r["forward_writes"]) / 1e6 for r in rows]
     bwd = [(r["backward_reads"] + r["backward_writes"]) / 1e6 for r in rows]
@@ -162,6 +189,38 @@ def plot_access(rows: list[dict], model: str, path) -> None:
     ax.set_title(f"{model}: modelled external memory accesses")
     ax.legend()
     fig.tight_layout()
-    fmt = str(path).rsplit(".", 1)[-1]
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt))
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_access_across(tables: dict[str, list[dict]], path) -> None:
+    """Thesis Fig. 6.1: modelled accesses of every rule relative to BP, grouped by network.
+
+    ``tables`` maps a model name to its :func:`memory_table` rows (the same rules in each).
+    Bars give total accesses / BP's as the thesis counts them (``Param``: forward weights only);
+    a cross marks the total when a trained ``B`` counts too, and a dot the measured
+    saved-for-backward ratio, so the two accountings and the measurement read side by side.
+    """
+    plt = _pyplot()
+    models = list(tables)
+    rules = [r["rule"] for r in tables[models[0]]]
+    width = 0.8 / len(rules)
+    fig, ax = plt.subplots(figsize=(1.6 * len(models) + 4.5, 3.8))
+    for j, rule in enumerate(rules):
+        xs = [i + (j - (len(rules) - 1) / 2) * width for i in range(len(models))]
+        rows = [next(r for r in tables[m] if r["rule"] == rule) for m in models]
+        bars = ax.bar(xs, [r["access_forward_weights_only_vs_bp"] for r in rows], width, label=rule)
+        ax.plot(xs, [r["access_vs_bp"] for r in rows], "x", color="black", markersize=4,
+                label="accesses with trained B counted" if j == 0 else None)
+        ax.plot(xs, [r["saved_vs_bp"] for r in rows], "o", color="black", markersize=3.5,
+                label="measured saved bytes / BP" if j == 0 else None)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+    ax.set_xticks(range(len(models)), models)
+    ax.axhline(1.0, color="grey", linewidth=0.6)
+    ax.set_ylabel("relative to BP")
+    ax.set_title("Modelled external memory accesses (bars: B not counted, x: counted), measured saved bytes (dots)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    _save(fig, path)
     plt.close(fig)

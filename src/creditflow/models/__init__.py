@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import MODELS
-from . import alexnet, conv, mlp, resnet  # noqa: F401  (import is registration)
+from . import alexnet, associated, cifar_resnet, conv, mlp, resnet, vanilla_cnn, vgg  # noqa: F401  (import is registration)
 from .blocks import BlockNet
 
 

@@ -84,6 +84,36 @@ class Rule(nn.Module):
         """
         return {}
 
+    def representations(self, x: Tensor) -> dict[str, Tensor]:
+        """``{layer: (N, ...) features}`` of ``x`` in forward order, for the analyses of a trained rule.
+
+        Computed without grad in eval mode (every module's mode is restored afterwards). Default:
+        for an ``nn.Sequential`` model, the output of each child (block): ``block0 .. block{k-1}``,
+        then ``head`` (the logits); children with names of their own keep them. A model with its
+        own ``representations(x)`` method is asked instead; any other model gives ``{"output": logits}``.
+        A rule whose features live elsewhere (Associated Learning's metafeatures) overrides this.
+        Used by ``creditflow.diagnostics.representations`` (class distances, t-SNE).
+        """
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with torch.no_grad():
+                if callable(getattr(self.model, "representations", None)):
+                    return self.model.representations(x)
+                children = list(self.model.named_children())
+                if not isinstance(self.model, nn.Sequential) or not children:
+                    return {"output": self.model(x)}  # children of other modules need not run in order
+                out, h = {}, x
+                for i, (name, child) in enumerate(children):
+                    h = child(h)
+                    if name.isdigit():  # nn.Sequential's own names "0", "1", ...
+                        name = "head" if i == len(children) - 1 else f"block{i}"
+                    out[name] = h
+                return out
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         logits = self.model(x)
         loss = self.loss.value(logits, y)

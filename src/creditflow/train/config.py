@@ -47,7 +47,7 @@ class OptimConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="training batch size")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="optimizer")
     lr: float = Field(1e-4, gt=0, description="learning rate")
-    local_lr: float | None = Field(None, gt=0, description="learning rate of rule-owned modules (LAS/LTAS); default: lr")
+    local_lr: float | None = Field(None, gt=0, description="learning rate of rule-owned modules (LAS/LTAS modules, DTP inverses, AL label side); default: lr")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
     schedule: Literal["none", "cosine", "step"] = Field("none", description="learning-rate schedule")
