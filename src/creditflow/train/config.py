@@ -55,7 +55,19 @@ class OptimConfig(BaseModel):
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor (schedule=step)")
 
 
-class RunConfig(DataConfig, OptimConfig):
+class ParallelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    parallel: Literal["none", "ddp", "pipeline"] = Field(
+        "none", description="none; ddp: data parallel over --nproc processes; pipeline: blocks/components over --stages")
+    nproc: int = Field(2, ge=1, description="processes for --parallel ddp")
+    stages: int = Field(2, ge=1, description="pipeline stages (processes) for --parallel pipeline")
+    pipeline_schedule: Literal["sync", "async"] = Field(
+        "sync", description="pipeline schedule: sync (equals single-process training) or async (stale errors, faster)")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend (auto: nccl on CUDA, else gloo)")
+
+
+class RunConfig(DataConfig, OptimConfig, ParallelConfig):
     """One training run: a rule on a model and a dataset."""
 
     rule: str = Field("bp", description="credit-assignment rule (creditflow rules)")

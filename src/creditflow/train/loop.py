@@ -89,6 +89,14 @@ def peak_memory(device: torch.device) -> int | None:
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg`` to the end (or continue it with ``resume``) and return the summary."""
+    if cfg.parallel == "ddp":
+        from ..parallel.ddp import train_ddp
+
+        return train_ddp(cfg, resume=resume, progress=progress)
+    if cfg.parallel == "pipeline":
+        from ..parallel.pipeline import train_pipeline
+
+        return train_pipeline(cfg, resume=resume, progress=progress)
     out = cfg.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
