@@ -69,7 +69,7 @@ class DTP(Rule):
     References: Lee, Zhang, Fischer & Bengio 2015, "Difference Target Propagation", ECML-PKDD,
     Sec. 2.3, Algorithm 1; their Theano code (github.com/donghyunlee/dtp, ``conti_dtp.py``);
     Meulemans et al. 2020 (github.com/meulemansalex/theoretical_framework_for_target_propagation,
-    ``lib/dtp_layers.py``: the same target and reconstruction losses in PyTorch); Wu et al. 2021
+    ``lib/dtp_layers.py``: the same target and reconstruction losses in PyTorch); Kao & Chen 2021
     (AL paper), Table 2.
     """
 
