@@ -12,7 +12,9 @@ References: Nøkland 2016 (DFA); Launay et al. 2020 (block-wise DFA, TinyDFA).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +37,163 @@ def run_cut(blocks: Sequence[nn.Module], x: Tensor) -> list[Tensor]:
         h = block(h.detach())
         outputs.append(h)
     return outputs
+
+
+class BoundaryCut:
+    """The cut of :func:`run_cut` on a model's own forward: at the outputs of named submodules.
+
+    For models that are not a Sequential of blocks (a timm ResNet or ViT), the model runs its own
+    ``forward`` unchanged; while the cut is active, a forward hook on each boundary module records
+    its output ``h_i`` (with its graph) and hands the rest of the model ``h_i.detach()`` instead, so
+    the next block starts a graph of its own: exactly ``block(h.detach())`` of :func:`run_cut`.
+    The hooks live only inside ``__call__`` (inference and copies of the model see no hooks), and a
+    boundary is looked up by name at every call, so a layer swapped in later is still found.
+
+    Limits: a boundary must output one tensor (any shape: (N, C, H, W), ViT tokens (N, T, D), ...),
+    run once per forward, and be a point every path passes through: a skip connection around it
+    would carry gradient across the cut (:meth:`probe` finds that and says so).
+
+    Args:
+        model: any module whose forward returns the logits (N, C).
+        names: dotted module names (``model.get_submodule``) whose outputs end blocks, in forward order.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        self.model, self.names = model, list(names)
+        for name in self.names:
+            self.module(name)  # an unknown name fails here, not at the first step
+
+    def module(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            children = ", ".join(n for n, _ in self.model.named_children())
+            raise ValueError(f"no module named {name!r} in {type(self.model).__name__} for a block boundary; "
+                             f"top-level children: {children}") from None
+
+    @contextmanager
+    def _hooks(self, outputs: list, order: list | None = None) -> Iterator[None]:
+        def cut(i: int, name: str):
+            def hook(module, args, h):
+                if not isinstance(h, Tensor):
+                    raise ValueError(f"block boundary {name!r} returns {type(h).__name__}; a boundary must "
+                                     "output one tensor: choose a module inside it whose output is a tensor")
+                if outputs[i] is not None:
+                    raise ValueError(f"block boundary {name!r} ran twice in one forward pass; a boundary "
+                                     "must run once (a module used twice cannot end one block)")
+                outputs[i] = h  # h_i: the block's output, with its graph
+                if order is not None:
+                    order.append(i)
+                return h.detach()  # the next block starts here: no gradient crosses the cut
+            return hook
+
+        handles = [self.module(n).register_forward_hook(cut(i, n)) for i, n in enumerate(self.names)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``(logits, [h_1 .. h_k])`` from one forward of the model, every boundary cut."""
+        outputs: list[Tensor | None] = [None] * len(self.names)
+        with self._hooks(outputs):
+            logits = self.model(x)
+        if any(h is None for h in outputs):
+            missing = [n for n, h in zip(self.names, outputs) if h is None]
+            raise ValueError(f"block boundaries {missing} did not run in the forward pass")
+        return logits, outputs
+
+    def probe(self, input_shape: Sequence[int]) -> CutProbe:
+        """Check the cut on a 2-sample forward (eval mode) and find each block's output shape and parameters.
+
+        Errors (one line each) for a boundary that does not run, runs out of the given order or twice,
+        returns no tensor, for model outputs that are not (N, C) tensors, and for a parameter
+        reached from two blocks (a path around a boundary, or a weight shared across blocks).
+        """
+        p = next(self.model.parameters(), None)
+        x = torch.zeros(2, *input_shape, **({"device": p.device, "dtype": p.dtype} if p is not None else {}))
+        outputs: list[Tensor | None] = [None] * len(self.names)
+        order: list[int] = []
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()  # BatchNorm must not learn from the probe
+        try:
+            with torch.enable_grad(), self._hooks(outputs, order):
+                logits = self.model(x)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if any(h is None for h in outputs):
+            missing = [n for n, h in zip(self.names, outputs) if h is None]
+            raise ValueError(f"block boundaries {missing} did not run in the forward pass")
+        if order != sorted(order):
+            raise ValueError(f"block boundaries must be listed in forward order: {[self.names[i] for i in order]}")
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            raise ValueError(f"the model must return logits (N, C) for a direct rule, got "
+                             f"{type(logits).__name__}{tuple(logits.shape) if isinstance(logits, Tensor) else ''}")
+        if logits.grad_fn is None and self.names:
+            raise ValueError(f"nothing trainable follows the last block boundary {self.names[-1]!r}: the head "
+                             "(everything after it) must have parameters; drop the last name")
+        reached = [_leaves(t) for t in [*outputs, logits]]
+        where = [*(repr(n) for n in self.names), "the head"]
+        for name, p in self.model.named_parameters():  # in definition order: the same error every run
+            blocks = [where[i] for i, ids in enumerate(reached) if id(p) in ids]
+            if len(blocks) > 1:
+                raise ValueError(
+                    f"parameter {name!r} gets gradient from two blocks (ending at {blocks[0]} and {blocks[1]}): "
+                    "a path goes around a boundary (a skip connection) or a weight is shared; choose "
+                    "boundaries every path passes through")
+        return CutProbe([h.shape[1:] for h in outputs],
+                        [[p for p in self.model.parameters() if id(p) in ids] for ids in reached])
+
+
+@dataclass
+class CutProbe:
+    shapes: list[torch.Size]  # per-sample output shape of each block ending at a boundary
+    parameters: list[list[nn.Parameter]]  # per block (the head last): the model parameters it trains
+
+
+def _leaves(t: Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters) the graph of ``t`` reaches: what ``t.backward`` would fill."""
+    seen, found = set(), set()
+    stack = [t.grad_fn] if t.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf itself
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+class Segment:
+    """The part of a model between two boundaries of a :class:`BoundaryCut`, known by its parameters.
+
+    What rules ask of a block besides running it: ``parameters()`` (Shallow freezes them with
+    ``requires_grad_``) and ``modules()`` (those holding its parameters; LAS reads the last conv's kernel).
+    """
+
+    def __init__(self, name: str, model: nn.Module, params: Sequence[nn.Parameter]):
+        self.name, self._params = name, list(params)
+        ids = {id(p) for p in self._params}
+        self._modules = [m for m in model.modules() if any(id(p) in ids for p in m.parameters(recurse=False))]
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return iter(self._params)
+
+    def modules(self) -> Iterator[nn.Module]:
+        return iter(self._modules)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Segment:
+        for p in self._params:
+            p.requires_grad_(requires_grad)
+        return self
+
+    def __repr__(self) -> str:
+        return f"Segment(up to {self.name!r}, {len(self._params)} parameters)"
 
 
 def inject(outputs: Sequence[Tensor], signals: Sequence[Tensor | None]) -> None:

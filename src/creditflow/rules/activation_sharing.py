@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..mechanisms.compact import compact_activations
-from ..mechanisms.feedback import attach_feedback, kp_decay_, learn_feedback, random_like_init
+from ..mechanisms.feedback import FeedbackConv2d, attach_feedback, kp_decay_, learn_feedback, random_like_init
 from ..mechanisms.local import LinearLocal, freeze
 from ..registry import register_rule
 from .base import placement, resolve_input_shape
@@ -30,7 +30,8 @@ from .local_classifier import LocalClassifier
 MATCH = {1: "max", 2: "avg", 3: "random", "max": "max", "avg": "avg", "random": "random"}
 
 
-def match_activation(h: Tensor, shape: tuple[int, ...], method: str, C: Tensor | None = None) -> Tensor:
+def match_activation(h: Tensor, shape: tuple[int, ...], method: str, C: Tensor | None = None,
+                     conv: bool | None = None) -> Tensor:
     """``h`` (N, *shared) reshaped to (N, *shape), the input shape of the layer that uses it (Sec. 5.2.1).
 
     ``"max"``/``"avg"`` (methods 1/2): copies of ``h`` concatenated along channels (cut to the layer's
@@ -38,11 +39,18 @@ def match_activation(h: Tensor, shape: tuple[int, ...], method: str, C: Tensor |
     takes the flattened ``h``, tiled when shorter and adaptively pooled over features when longer.
     ``"random"`` (method 3, Forward Alignment's fixed ``C``): a fixed random 1x1 convolution to the
     channel count, then average pooling to the map size; for a flat target ``C @ flatten(h)``.
+    A Linear layer on tokens (``shape`` (T, D), ``h`` (N, T, D_s); ``conv=False``) matches each
+    token's features alone, as a flat target of size D. ``conv``: the target is a Conv2d input
+    (default: ``shape`` has 3 dims).
     """
     if tuple(h.shape[1:]) == tuple(shape):
         return h
     n = h.shape[0]
-    if len(shape) == 3:
+    conv = len(shape) == 3 if conv is None else conv
+    if not conv and len(shape) > 1:  # a Linear on tokens: features matched token by token
+        flat = match_activation(h.reshape(-1, h.shape[-1]), shape[-1:], method, C, conv=False)
+        return flat.view(n, *shape)
+    if conv:
         if h.ndim != 4:
             raise ValueError(f"cannot share a flat activation {tuple(h.shape[1:])} with a conv input {shape}")
         c, hw = shape[0], shape[1:]
@@ -99,37 +107,40 @@ class SharedActivations:
         if match not in MATCH:
             raise ValueError(f"unknown match {match!r}; available: 1 (max), 2 (avg), 3 (random)")
         self.k, self.match, self.train_first = k, MATCH[match], train_first
-        shapes = _input_shapes(model, self.layers, input_shape)
-        first = self.layers[0]
+        shapes, calls = _input_shapes(model, self.layers, input_shape)
+        ordered = _forward_order(model, self.layers, calls, k, type(self).__name__)
+        first = ordered[0]
         if not train_first:  # Sec. 5.1.1: "do not train this layer"
             for p in (first.weight, first.bias, first.feedback):
                 if p is not None and isinstance(p, nn.Parameter):
                     p.requires_grad_(False)
-        self._sharing = self.layers if train_first else self.layers[1:]
-        self._plan: list[tuple[int, bool, tuple[int, ...]]] = []  # per sharing layer: group, is-source, input shape
+        # Groups follow the order the layers run in (for the models here, their definition order).
+        self._sharing = ordered if train_first else ordered[1:]
+        self._plan: list[tuple[int, bool, tuple[int, ...], bool]] = []  # group, is-source, input shape, conv
         for j, layer in enumerate(self._sharing):
             g, i = divmod(j, k)
-            target = shapes[id(layer)]
-            self._plan.append((g, i == 0, target))
+            target, conv = shapes[id(layer)], isinstance(layer, FeedbackConv2d)
+            self._plan.append((g, i == 0, target, conv))
             if i == 0:
                 source = target
                 continue
+            _check_shareable(source, target, conv, model, layer, type(self).__name__)
             if self.match == "random" and target != source:
-                rows = target[0]
-                cols = source[0] if len(target) == 3 else math.prod(source)
+                rows = target[0] if conv else target[-1]
+                cols = source[0] if conv else source[-1] if len(target) > 1 else math.prod(source)
                 C = torch.randn(rows, cols, **placement(model)) / math.sqrt(cols)  # FA's fixed C
                 self.register_buffer(f"match{j}", C)
         self._shared: dict[int, Tensor] = {}  # group -> h~_m, during a step only
         compact_activations(model, relu_mask=not self.shared_feeds_B_only, saved_norm=saved_norm)
 
     def _share(self, j: int, layer: nn.Module, args) -> None:
-        g, is_source, shape = self._plan[j]
+        g, is_source, shape, conv = self._plan[j]
         if is_source:
             self._shared[g] = args[0]  # h~_m: this group's input
             return
         h, method, C = self._shared[g], self.match, getattr(self, f"match{j}", None)
         layer.activation_override = h  # saved for backward instead of the layer's own input
-        layer.activation_map = lambda a: match_activation(a, shape, method, C)
+        layer.activation_map = lambda a: match_activation(a, shape, method, C, conv)
         layer.override_feeds_B_only = self.shared_feeds_B_only
 
     def step(self, x, y):
@@ -146,12 +157,53 @@ class SharedActivations:
             self._shared.clear()
 
 
+def _forward_order(model: nn.Module, layers, calls: list[int], k: int, rule: str) -> list[nn.Module]:
+    """The layers that run, in the order they first run; with ``k > 1``, each must run exactly once.
+
+    Where sharing applies: a group's later layers read the input of the group's first layer, so the
+    plan needs one forward order of single calls. Chains, residual networks (the shortcut conv runs
+    as one more layer) and transformers (qkv, proj, fc1, fc2 per block) have one; a layer run twice
+    per forward (shared weights, recurrence) has none, and needs ``k = 1`` (each layer its own input).
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    if k > 1:
+        for layer in layers:
+            if calls.count(id(layer)) > 1:
+                raise ValueError(f"{rule} with k={k} shares activations along the order layers run in; "
+                                 f"{names.get(id(layer), '?')!r} runs {calls.count(id(layer))} times per forward: "
+                                 "use k=1, or a model whose Linear/Conv2d layers run once each")
+    first: dict[int, int] = {}
+    for c in calls:
+        first.setdefault(c, len(first))
+    ran = sorted((m for m in layers if id(m) in first), key=lambda m: first[id(m)])
+    if not ran:
+        raise ValueError(f"{rule}: no Linear/Conv2d layer ran in the model's forward pass")
+    return ran
+
+
+def _check_shareable(source, target, conv: bool, model: nn.Module, layer: nn.Module, rule: str) -> None:
+    """Sec. 5.2.1's matching covers conv inputs from conv activations, flat inputs from any, and
+    tokens (T, D) from tokens with the same T; anything else is an error at construction."""
+    if source == target or (not conv and len(target) == 1) or (conv and len(source) == 3) or (
+            not conv and len(target) > 1 and len(source) == len(target) and source[:-1] == target[:-1]):
+        return
+    name = dict((id(m), n) for n, m in model.named_modules()).get(id(layer), "?")
+    raise ValueError(f"{rule} cannot share an activation of shape {tuple(source)} with {name!r} (input "
+                     f"{tuple(target)}); use k=1 (each layer learns from its own input)")
+
+
 @torch.no_grad()
-def _input_shapes(model: nn.Module, layers, input_shape) -> dict[int, tuple[int, ...]]:
-    """Per-sample input shape of every layer, from one 2-sample probe in eval mode."""
+def _input_shapes(model: nn.Module, layers, input_shape) -> tuple[dict[int, tuple[int, ...]], list[int]]:
+    """Per-sample input shape of every layer and the order of their calls (ids), from one 2-sample
+    probe in eval mode."""
     shapes: dict[int, tuple[int, ...]] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a: shapes.__setitem__(id(m), tuple(a[0].shape[1:])))
-             for m in layers]
+    calls: list[int] = []
+
+    def record(m, a):
+        shapes[id(m)] = tuple(a[0].shape[1:])
+        calls.append(id(m))
+
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
     was = model.training
     try:
         model.eval()
@@ -160,7 +212,7 @@ def _input_shapes(model: nn.Module, layers, input_shape) -> dict[int, tuple[int,
         model.train(was)
         for h in hooks:
             h.remove()
-    return shapes
+    return shapes, calls
 
 
 @register_rule("as", summary="activation sharing: k layers update from one shared activation, BP's feedback W",
@@ -226,12 +278,14 @@ class _LocalFA(LocalClassifier):
     model's layers are feedback layers with trained ``B`` and KP decay (as ``asfp``)."""
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
-                 feedback_scale: float = 1.0, kp_decay: float = 1e-4, local_loss: str = "cross-entropy"):
+                 feedback_scale: float = 1.0, kp_decay: float = 1e-4, local_loss: str = "cross-entropy",
+                 blocks=None):
         if not (feedback_scale > 0 and kp_decay >= 0):
             raise ValueError(f"need feedback_scale > 0 and kp_decay >= 0, got {feedback_scale}, {kp_decay}")
         # Feedback layers first: the direct rule keeps references to the blocks (a bare Linear head).
         layers = attach_feedback(model, lambda layer: random_like_init(layer, feedback_scale))
-        super().__init__(model, num_classes, loss, input_shape, learn_classifier=True, local_loss=local_loss)
+        super().__init__(model, num_classes, loss, input_shape, learn_classifier=True, local_loss=local_loss,
+                         blocks=blocks)
         self.layers, self.kp_decay = layers, kp_decay
         # the thesis's 2x2 average pool, where the map has 2x2 to pool (a 1x1 map is used as it is)
         self.classifiers = nn.ModuleList(

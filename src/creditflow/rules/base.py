@@ -8,12 +8,14 @@ caller steps the optimizer. Inference is the plain model: ``rule.model(x)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ..mechanisms import block_output_shapes, downstream_product, get_loss, inject, run_cut
+from ..mechanisms import (BoundaryCut, Segment, block_output_shapes, downstream_product, get_loss, inject,
+                          run_cut)
 
 
 class StepResult(NamedTuple):
@@ -25,7 +27,8 @@ class Rule(nn.Module):
     """Base rule: plain back-propagation through ``model``.
 
     Args:
-        model: a ``BlockNet`` or any ``nn.Sequential`` whose last child is the head.
+        model: any ``nn.Module`` that returns the logits (N, C); a ``BlockNet`` or an
+            ``nn.Sequential`` whose last child is the head for direct rules without ``blocks``.
         num_classes: C, the size of the output error ``e``.
         loss: ``"cross-entropy"`` (softmax) or ``"mse"`` (on one-hot targets).
     """
@@ -133,13 +136,29 @@ class DirectRule(Rule):
     The last ``top_blocks`` blocks (1: the head alone) form the top, trained with the true
     gradient of the loss; every block below it receives ``signals(e, y, outputs)[i]`` and
     back-propagates it inside itself only. Subclasses say only how signals are made.
+
+    Blocks: an ``nn.Sequential``'s children (the last one the head), or, for any model,
+    ``blocks=["stem", "layer1", ...]``: the names of the modules whose *outputs* end a block. The
+    model's own forward then runs unchanged, cut by forward hooks at those outputs
+    (:class:`~creditflow.mechanisms.BoundaryCut`); the head is everything after the last name.
     """
 
     top_blocks = 1
+    #: False where hidden blocks' signals and local losses use only the target, not this batch's
+    #: output (DRTP, local classifiers): a pipeline stage then updates right after its own forward
+    signals_need_output = True
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy",
-                 input_shape: tuple[int, ...] | None = None):
+                 input_shape: tuple[int, ...] | None = None, blocks: Sequence[str] | None = None):
         super().__init__(model, num_classes, loss)
+        self._cut: BoundaryCut | None = None
+        if blocks is not None:
+            self._init_named_blocks(model, blocks, input_shape)
+            return
+        if not isinstance(model, nn.Sequential):
+            children = ", ".join(n for n, _ in model.named_children()) or "none"
+            raise ValueError(f"{type(self).__name__} cuts a {type(model).__name__} (not an nn.Sequential) only at "
+                             f"named modules: pass blocks=[names whose outputs end a block]; children: {children}")
         blocks = list(model.children())
         if len(blocks) < 2:
             raise ValueError(f"{type(self).__name__} needs a model of at least 2 blocks (hidden + head), "
@@ -150,7 +169,22 @@ class DirectRule(Rule):
         self._top = nn.Sequential(*blocks[split:]) if split < len(blocks) - 1 else blocks[-1]
         self.input_shape = resolve_input_shape(model, input_shape)
 
+    def _init_named_blocks(self, model: nn.Module, blocks: Sequence[str], input_shape) -> None:
+        names = [blocks] if isinstance(blocks, str) else list(blocks)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"blocks must be a non-empty list of module names, got {blocks!r}")
+        self.input_shape = resolve_input_shape(model, input_shape)
+        probe = BoundaryCut(model, names).probe(self.input_shape)  # checks every name, in order
+        split = max(len(names) + 1 - self.top_blocks, 0)  # k names make k + 1 blocks, the head last
+        self._cut = BoundaryCut(model, names[:split])
+        self._cut_shapes = probe.shapes[:split]
+        # Plain tuples, not submodules: the model owns the parameters; a Segment only lists them.
+        self._hidden = tuple(Segment(n, model, ps) for n, ps in zip(names[:split], probe.parameters))
+        self._top = None  # the model's own forward after the last cut
+
     def hidden_output_shapes(self) -> list[torch.Size]:
+        if self._cut is not None:
+            return list(self._cut_shapes)
         return block_output_shapes(self._hidden, self.input_shape)
 
     def feedback_matrices(self) -> list[Tensor]:
@@ -170,6 +204,9 @@ class DirectRule(Rule):
 
     def downstream_products(self) -> list[Tensor]:
         """For hidden block i, ``W_L ... W_{i+1}`` over every block after it (MLPs only)."""
+        if self._cut is not None:
+            raise ValueError("feedback_init='product' needs an nn.Sequential of fully connected blocks; "
+                             "with blocks=[...] use feedback_init='random'")
         blocks = list(self.model.children())
         return [downstream_product(blocks[i + 1:]) for i in range(len(self._hidden))]
 
@@ -181,9 +218,15 @@ class DirectRule(Rule):
         """A loss on rule-owned modules fed with detached block outputs (LAS/LTAS), or None."""
         return None
 
+    def forward_cut(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``(logits, [h_1 .. h_k])``: one forward with every hidden block's input detached."""
+        if self._cut is not None:
+            return self._cut(x)  # the model's own forward, cut by hooks at the named outputs
+        outputs = run_cut(self._hidden, x)
+        return self._top(outputs[-1].detach() if outputs else x), outputs
+
     def step(self, x: Tensor, y: Tensor) -> StepResult:
-        outputs = run_cut(self._hidden, x)  # h_1 .. h_k, each block's input detached
-        logits = self._top(outputs[-1].detach() if outputs else x)
+        logits, outputs = self.forward_cut(x)  # h_1 .. h_k, each block's input detached
         loss, e = self.loss.error(logits, y)  # e = dL/dlogits: (N, C), no graph
         with torch.no_grad():
             signals = self.signals(e, y, outputs)

@@ -24,6 +24,7 @@ class DFA(DirectRule):
             connected models only), the LAS paper's choice for its alignment experiment.
         feedback_scale: see above (random init only).
         seed: seeds ``B`` independently of the global RNG (None: use the global RNG).
+        blocks: names of the modules whose outputs end the blocks (any model; see ``DirectRule``).
 
     Differences from the paper: the signal enters at the block output ``h_i``, so
     ``delta_i = (B_i e) * f'(a_i)`` (paper eq. 16) comes from autograd inside the block.
@@ -31,8 +32,8 @@ class DFA(DirectRule):
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy",
                  input_shape=None, feedback_init: str = "random", feedback_scale: float = 1.0,
-                 seed: int | None = None):
-        super().__init__(model, num_classes, loss, input_shape)
+                 seed: int | None = None, blocks=None):
+        super().__init__(model, num_classes, loss, input_shape, blocks)
         check_feedback_init(feedback_init)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.feedback = DirectFeedback(self.hidden_output_shapes(), num_classes, feedback_scale,

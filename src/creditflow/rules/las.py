@@ -12,8 +12,10 @@ from .base import DirectRule, placement
 
 
 def last_conv_kernel(block: nn.Module) -> int | None:
+    """The kernel of the block's last Conv2d, if it is odd (a ViT's 16x16 patch embedding is not)."""
     convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1].kernel_size[0] if convs else None
+    k = convs[-1].kernel_size[0] if convs else None
+    return k if k is not None and k % 2 else None
 
 
 @register_rule("las", summary="DFA whose feedback is learned by local modules mimicking the output a_L",
@@ -32,7 +34,7 @@ class LAS(DirectRule):
     Args:
         feedback_init: ``"random"`` (PyTorch's Linear/Conv2d init range) or ``"product"``
             (module weights = ``W_L ... W_{i+1}`` at init; fully connected models only).
-        local_kernel_size: kernel of conv modules; default: that of the block's last conv.
+        local_kernel_size: kernel of conv modules; default: that of the block's last conv if odd, else 3.
 
     Differences from the paper: gradient descent on the stated losses (the paper's printed
     updates mix ``e = y* - y`` with a minus sign); ``L_i`` is averaged over the batch. The
@@ -44,8 +46,8 @@ class LAS(DirectRule):
     top_blocks = 2  # the last hidden block gets the true W_L^T e
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
-                 feedback_init: str = "random", local_kernel_size: int | None = None):
-        super().__init__(model, num_classes, loss, input_shape)
+                 feedback_init: str = "random", local_kernel_size: int | None = None, blocks=None):
+        super().__init__(model, num_classes, loss, input_shape, blocks)
         check_feedback_init(feedback_init)
         self.local = nn.ModuleList(
             local_module(shape, num_classes, local_kernel_size or last_conv_kernel(block) or 3)
@@ -92,8 +94,8 @@ class LTAS(LAS):
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  feedback_init: str = "random", local_kernel_size: int | None = None,
-                 update_early: bool = False, local_lr: float = 1e-3):
-        super().__init__(model, num_classes, loss, input_shape, feedback_init, local_kernel_size)
+                 update_early: bool = False, local_lr: float = 1e-3, blocks=None):
+        super().__init__(model, num_classes, loss, input_shape, feedback_init, local_kernel_size, blocks)
         if update_early and not local_lr > 0:
             raise ValueError(f"local_lr must be > 0 with update_early, got {local_lr}")
         self.update_early, self.local_lr = update_early, local_lr

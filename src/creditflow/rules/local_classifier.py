@@ -44,10 +44,11 @@ class LocalClassifier(DirectRule):
     """
 
     top_blocks = 1  # the head alone learns from the global error
+    signals_need_output = False  # A_i^T e_i needs only h_i and y*
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
-                 pool: int = 1, learn_classifier: bool = False, local_loss: str = "cross-entropy"):
-        super().__init__(model, num_classes, loss, input_shape)
+                 pool: int = 1, learn_classifier: bool = False, local_loss: str = "cross-entropy", blocks=None):
+        super().__init__(model, num_classes, loss, input_shape, blocks)
         self.local_error = get_loss(local_loss)
         self.learn_classifier = learn_classifier
         self.classifiers = nn.ModuleList(

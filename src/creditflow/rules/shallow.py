@@ -20,9 +20,11 @@ class Shallow(DirectRule):
     """
 
     top_blocks = 2
+    signals_need_output = False  # frozen blocks get no signal
 
-    def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None):
-        super().__init__(model, num_classes, loss, input_shape)
+    def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
+                 blocks=None):
+        super().__init__(model, num_classes, loss, input_shape, blocks)
         for block in self._hidden:
             block.requires_grad_(False)
 
