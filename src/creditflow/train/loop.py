@@ -97,19 +97,36 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         from ..parallel.pipeline import train_pipeline
 
         return train_pipeline(cfg, resume=resume, progress=progress)
+    return run_training(cfg, resume=resume, progress=progress)
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, progress: bool = True, sync=None) -> dict[str, Any] | None:
+    """The trainer. ``sync`` (``creditflow.parallel.ddp.DataParallel``): this process is one rank of a
+    data-parallel run; only rank 0 evaluates and writes files, the others return None."""
+    main = sync is None or sync.is_main
     out = cfg.out_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    device = resolve_device(cfg.device)
-    splits = data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                       val_fraction=cfg.val_fraction, seed=cfg.seed)
+    device = resolve_device(cfg.device) if sync is None else sync.device
+
+    def load():
+        return data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                         val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+    splits = load() if sync is None else sync.main_first(load)  # one download, not one per rank
     rule, opt, sched = build_run(cfg, splits, device)
+    if sync is not None:
+        sync.prepare(rule)
     augment = data.augment.build(cfg.augment)
     gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation, saved in checkpoints
     rows: list[dict[str, Any]] = []
     start = 0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, device)
+    state = load_checkpoint(ckpt_path, device if sync is None else "cpu") if (
+        main and resume and ckpt_path.exists()) else None
+    if sync is not None:
+        state = sync.share(state)  # rank 0 reads, every rank resumes
+    if state is not None:
         if state["config"] != cfg.model_dump(mode="json"):
             raise ValueError(f"cannot resume {out}: its config differs from this one; "
                              "use the saved config.yaml or another --out")
@@ -120,19 +137,27 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start = state["epoch"]
-        rows = read_jsonl(out / "metrics.jsonl")[:start]
-        log.info("resuming %s at epoch %d", out, start + 1)
-    elif resume:
+        rows = read_jsonl(out / "metrics.jsonl")[:start] if main else []
+        if main:
+            log.info("resuming %s at epoch %d", out, start + 1)
+    elif resume and main:
         log.info("nothing to resume in %s; starting fresh", out)
-    write_text(out / "config.yaml", dump_yaml(cfg))
+    if main:
+        write_text(out / "config.yaml", dump_yaml(cfg))
 
     steps = math.ceil(len(splits.train) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     for epoch in range(start, cfg.epochs):
-        row = train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, progress)
+        if sync is not None:
+            sync.seed(epoch)
+        row = train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, progress and main, sync=sync)
         if sched is not None:
             sched.step()
+        if sync is not None:
+            sync.sync_buffers()  # BatchNorm statistics agree on every rank before rank 0 evaluates
+            if not main:
+                continue
         row["val_acc"] = evaluate(rule.model, splits.val, splits, device, cfg.eval_batch_size)
         row["test_acc"] = evaluate(rule.model, splits.test, splits, device, cfg.eval_batch_size)
         row["lr"] = opt.param_groups[0]["lr"]
@@ -145,12 +170,15 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
         write_jsonl(out / "metrics.jsonl", rows)
         log.info("epoch %d: loss %.4f train %.4f val %s test %.4f", row["epoch"], row["train_loss"],
                  row["train_acc"], row["val_acc"], row["test_acc"])
+    if not main:
+        return None
     summary = summarize(rows, cfg.model_dump(mode="json"))
     write_summary(out / "summary.json", summary)
     return summary
 
 
-def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, progress) -> dict[str, Any]:
+def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, progress, sync=None) -> dict[str, Any]:
+    """One epoch; with ``sync`` each rank steps on its shard of every batch and gradients are averaged."""
     rule.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -166,13 +194,19 @@ def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, prog
         if n_steps == steps:
             break
         x, y = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        x = splits.normalize(augment(x, generator=gen))
+        x = augment(x, generator=gen)  # the whole batch: every rank draws the same augmentation
+        if sync is not None and (shard := sync.shard(x, y)) is None:
+            continue  # a last batch smaller than the number of ranks: skipped on every rank
+        x, y = (x, y) if sync is None else shard
+        x = splits.normalize(x)
         if n_steps == 0:  # measure once per epoch: the hooks cost time, the number does not move
             held = {}
             saved = saved_tensor_bytes(lambda: held.setdefault("out", rule.step(x, y)), exclude=rule)
             out = held["out"]
         else:
             out = rule.step(x, y)
+        if sync is not None:
+            sync.after_step()  # average .grad (and rule-owned state) over ranks
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum += out.loss * len(y)  # kept on device: no sync in the hot loop
@@ -186,6 +220,8 @@ def train_epoch(rule, opt, splits, augment, gen, cfg, device, steps, epoch, prog
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     bar.close()
+    if sync is not None:  # loss and accuracy over the global batches, step metrics averaged over ranks
+        loss_sum, correct, seen, extra_sums = sync.totals(loss_sum, correct, seen, extra_sums)
     train_loss = loss_sum.item() / max(seen, 1)
     if not math.isfinite(train_loss):
         raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, the last good "

@@ -1,0 +1,271 @@
+"""Data parallelism for every rule: ``creditflow train --parallel ddp --nproc N``.
+
+Rules fill ``.grad`` themselves in ``rule.step`` (custom autograd Functions, several backward
+roots, cut graphs), so instead of ``DistributedDataParallel``'s reducer hooks, which assume one
+backward through one graph, :class:`DataParallel` synchronises explicitly around the step:
+
+1. start: every parameter (frozen ones too) and every buffer (feedback matrices, BatchNorm
+   statistics) is broadcast from rank 0, so every rank starts from rank 0's rule;
+2. each global batch (``batch_size`` samples, same order and augmentation on every rank) is cut
+   into ``nproc`` contiguous shards, one per rank;
+3. after ``rule.step``: each trained tensor's ``.grad`` is averaged over ranks, weighted by shard
+   size (so a mean-reduced loss gives exactly the gradient of the concatenated batch), in flat
+   buckets, one all-reduce per bucket; tensors the rule trains itself outside the optimizer (LTAS
+   ``update_early`` modules, DTP ``inverse_first`` inverses) are averaged the same way; buffers a
+   rule rewrites every step (``Rule.mutable_buffers``: sign-symmetric and mirrored feedback) are
+   broadcast from rank 0;
+4. end of each epoch: BatchNorm running statistics are averaged over ranks, every other buffer is
+   broadcast from rank 0; rank 0 evaluates and writes metrics, checkpoint and summary (atomically,
+   with the single-process trainer's code, :func:`creditflow.train.loop.run_training`).
+
+The random stream of rank 0 is the single-process one; every other rank draws from its own stream
+(reseeded from the seed, its rank and the epoch), so dropout and noise are independent across
+shards, as in one process on the whole batch, and resuming reproduces them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .launch import WorkerFailed, barrier, is_torchrun, launch, resolve_device, worker_device
+
+__all__ = ["DataParallel", "train_ddp"]
+
+log = logging.getLogger(__name__)
+
+#: the process group's timeout in training: it must outlast rank 0's evaluation and checkpoint
+#: (the other ranks wait for it in their next all-reduce). A dead rank is noticed at once anyway
+#: (the launcher watches every process).
+TRAIN_TIMEOUT_S = 1800.0
+#: elements per all-reduce bucket (32 MiB of float32)
+BUCKET_NUMEL = 8 * 1024 * 1024
+
+
+def _is_bn_statistic(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("running_mean", "running_var")
+
+
+class DataParallel:
+    """One rank's side of data-parallel training of a rule (call inside an initialised process group).
+
+        sync = DataParallel()             # after launch() set up the process group
+        sync.prepare(rule)                # rank 0's parameters and buffers everywhere
+        for x, y in global_batches:
+            x, y = sync.shard(x, y)       # this rank's part
+            rule.step(x, y)
+            sync.after_step()             # averaged .grad: as one process on the whole batch
+            opt.step(); opt.zero_grad()
+
+    Exact (same parameters as one process on the concatenated batch, up to float rounding) for
+    every rule whose step is a function of the batch through batch-mean losses and whose
+    randomness does not depend on the batch; see docs/parallel.md for the list.
+    """
+
+    def __init__(self, seed: int = 0, device: torch.device | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("DataParallel needs an initialised process group; run it under "
+                               "creditflow.parallel.launch or torchrun")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = device if device is not None else worker_device()
+        self.seed_value = seed
+        self.rule: nn.Module | None = None
+        self._weight = 1.0 / self.world_size  # this rank's share of the current global batch
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0, then on the others (e.g. a download into a shared folder)."""
+        if self.is_main:
+            out = fn()
+            barrier()
+        else:
+            barrier()
+            out = fn()
+        return out
+
+    def share(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (pickled; for small things: a checkpoint, a summary)."""
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, device=self.device if dist.get_backend() == "nccl" else None)
+        return box[0]
+
+    @torch.no_grad()
+    def prepare(self, rule: nn.Module) -> None:
+        """Broadcast every parameter (frozen ones too) and buffer of ``rule`` from rank 0."""
+        self.rule = rule
+        in_optimizer = {id(p) for p in rule.parameters()}  # Rule.parameters(): what the optimizer steps
+        everything = list(nn.Module.parameters(rule))
+        self._trained = [p for p in everything if id(p) in in_optimizer]
+        # trained by the rule itself inside step (LTAS update_early, DTP inverse_first)
+        self._self_trained = [p for p in everything if p.requires_grad and id(p) not in in_optimizer]
+        mutable = set(getattr(rule, "mutable_buffers", ()))
+        named = list(rule.named_buffers())
+        self._mutable = [b for n, b in named if n.rsplit(".", 1)[-1] in mutable]
+        self._statistics = [b for n, b in named if _is_bn_statistic(n) and b.is_floating_point()]
+        stats = {id(b) for b in self._statistics}
+        self._other_buffers = [b for _, b in named if id(b) not in stats]
+        self._broadcast([p.data for p in everything] + [b for _, b in named])
+
+    def seed(self, epoch: int) -> None:
+        """Rank 0 keeps the single-process random stream; rank r > 0 gets its own, per epoch."""
+        if not self.is_main:
+            torch.manual_seed((self.seed_value * 1_000_003 + self.rank * 10_007 + epoch) % (2 ** 63))
+
+    # -- every step -----------------------------------------------------------------------------
+
+    def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
+        """This rank's contiguous part of the global batch ``x, y`` (None: fewer samples than ranks)."""
+        n = len(y)
+        if n < self.world_size:
+            return None
+        parts = torch.arange(n).tensor_split(self.world_size)
+        idx = parts[self.rank]
+        self._weight = len(idx) / n
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        return x[lo:hi], y[lo:hi]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Average ``.grad`` and self-trained tensors over ranks; rank 0's mutable buffers everywhere."""
+        if self.rule is None:
+            raise RuntimeError("call DataParallel.prepare(rule) first")
+        self._average_grads()
+        if self._self_trained:  # p - lr g_r averaged with shard weights = p - lr (sum_r w_r g_r)
+            self._all_reduce([p.data for p in self._self_trained], scale=self._weight)
+        if self._mutable:
+            self._broadcast(self._mutable)
+
+    def _average_grads(self) -> None:
+        params = self._trained
+        for bucket in _buckets(params):
+            grads = [p.grad for p in bucket]
+            if any(g is not None and g.is_sparse for g in grads):
+                raise NotImplementedError("DataParallel: sparse gradients are not supported")
+            ref = bucket[0]
+            parts = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(bucket, grads)]
+            flat = torch.cat(parts)
+            flat.mul_(self._weight)
+            has = torch.tensor([g is not None for g in grads], dtype=ref.dtype, device=ref.device)
+            flat = torch.cat([flat, has])  # which ranks had a gradient: one all-reduce for both
+            dist.all_reduce(flat)
+            n = flat.numel() - len(bucket)
+            has = flat[n:]
+            offset = 0
+            for p, present in zip(bucket, has.tolist()):
+                g = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if present == 0:  # no rank had one: stay None (an optimizer skips it, as in one process)
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = g.clone()
+
+    # -- every epoch ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """BatchNorm running statistics averaged over ranks; every other buffer from rank 0."""
+        if self._statistics:
+            self._all_reduce(self._statistics, scale=1.0 / self.world_size)
+        if self._other_buffers:
+            self._broadcast(self._other_buffers)
+
+    def totals(self, loss_sum: Tensor, correct: Tensor, seen: int, extra_sums: dict[str, Tensor]):
+        """An epoch's sums over every rank: loss and correct summed, step metrics averaged."""
+        names = sorted(extra_sums)
+        values = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=loss_sum.device,
+                                                                                   dtype=torch.float64)]
+                             + [torch.as_tensor(extra_sums[k], device=loss_sum.device).double() for k in names])
+        dist.all_reduce(values)
+        loss, hits, n = values[0], values[1].round().long(), int(values[2].item())
+        extras = {k: values[3 + i] / self.world_size for i, k in enumerate(names)}
+        return loss, hits, n, extras
+
+    # -- collectives ----------------------------------------------------------------------------
+
+    def _broadcast(self, tensors: list[Tensor]) -> None:
+        for bucket in _buckets(tensors):
+            flat = _flatten_dense_tensors([t.detach() for t in bucket])
+            dist.broadcast(flat, src=0)
+            for t, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                t.copy_(v)
+
+    def _all_reduce(self, tensors: list[Tensor], scale: float) -> None:
+        for bucket in _buckets(tensors):
+            flat = _flatten_dense_tensors([t.detach() for t in bucket]).mul_(scale)
+            dist.all_reduce(flat)
+            for t, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                t.copy_(v)
+
+
+def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """Consecutive groups of one device and dtype, each at most BUCKET_NUMEL elements (or one tensor)."""
+    groups: dict[tuple, list[list[Tensor]]] = {}
+    sizes: dict[tuple, int] = {}
+    for t in tensors:
+        key = (t.device, t.dtype)
+        if key not in groups or sizes[key] + t.numel() > BUCKET_NUMEL:
+            groups.setdefault(key, []).append([])
+            sizes[key] = 0
+        groups[key][-1].append(t)
+        sizes[key] += t.numel()
+    return [b for bs in groups.values() for b in bs if b]
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+def check(cfg) -> None:
+    if cfg.nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {cfg.nproc}")
+    if cfg.batch_size % cfg.nproc:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --nproc {cfg.nproc}: each of the "
+                         f"{cfg.nproc} processes takes an equal share of every batch")
+
+
+def train_ddp(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` on ``cfg.nproc`` processes (each a shard of every batch); rank 0's summary.
+
+    Spawns the processes, or, under ``torchrun``, runs this process's rank (``nproc`` is then
+    torchrun's number of processes). The files written are
+    those of single-process training (config.yaml, metrics.jsonl, checkpoint.pt, summary.json),
+    and resume works the same way.
+    """
+    from ..train.loop import NonFiniteLoss
+
+    if is_torchrun():  # torchrun decides how many processes there are
+        cfg = cfg.model_copy(update={"nproc": int(os.environ["WORLD_SIZE"])})
+    check(cfg)
+    kind = resolve_device(cfg.device)
+    level = logging.getLogger().getEffectiveLevel()
+    try:
+        results = launch(_rank_main, cfg.nproc, (cfg.model_dump(mode="json"), resume, progress, level),
+                         backend=cfg.backend, device=kind, timeout_s=TRAIN_TIMEOUT_S, role="rank")
+    except WorkerFailed as err:
+        if isinstance(err.error, (ValueError, FileNotFoundError, NonFiniteLoss)):
+            raise err.error from err  # what one process would have raised: the CLI prints one line
+        raise
+    return results[0]
+
+
+def _rank_main(rank: int, world_size: int, cfg_json: dict, resume: bool, progress: bool, level: int):
+    from ..train.config import RunConfig
+    from ..train.loop import run_training
+
+    if not logging.getLogger().handlers:  # a spawned process: log as the parent did, rank 0 only
+        logging.basicConfig(level=level if rank == 0 else logging.WARNING, format="%(message)s")
+    cfg = RunConfig.model_validate(cfg_json)
+    sync = DataParallel(seed=cfg.seed)
+    summary = run_training(cfg, resume=resume, progress=progress, sync=sync)
+    return sync.share(summary)  # every rank returns it (torchrun: each process's train() does)
