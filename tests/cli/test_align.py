@@ -81,3 +81,12 @@ def test_missing_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["align", "--out", str(tmp_path), *TINY])
     assert result.exit_code == 1 and "pip install 'creditflow[plot]'" in result.output
     assert "--no-plot" in result.output
+
+
+def test_align_refuses_parallel_runs():
+    from click.testing import CliRunner
+
+    from creditflow.cli import main
+
+    result = CliRunner().invoke(main, ["align", "--parallel", "ddp"])
+    assert result.exit_code != 0 and "align runs in one process" in result.output

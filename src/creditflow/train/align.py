@@ -56,6 +56,15 @@ class AlignConfig(RunConfig):
             raise ValueError(f"rules must differ (each is a line in the plot), got {', '.join(specs)}")
         return specs
 
+    @field_validator("parallel")
+    @classmethod
+    def _parallel(cls, v):
+        if v != "none":  # the probe compares every rule with BP on one batch in one process
+            raise ValueError(f"align runs in one process; got parallel={v!r} (allowed: none). "
+                             "To check alignment under DDP, measure a rule trained with --parallel ddp "
+                             "(see docs/parallel.md)")
+        return v
+
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/align-{self.dataset}")
 
