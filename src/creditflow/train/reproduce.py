@@ -4,10 +4,14 @@ A preset lists the table's cells (dataset, model, augmentation, the paper's numb
 two budgets. ``reproduce`` trains every (cell, rule, seed) with the ordinary trainer, skips cells
 whose dataset is absent (with a note saying how to get it), and writes ``report.md``: our
 mean ± std beside the paper's number in every cell, with each run's resolved config on disk.
+A column may train its own model (e.g. BP on the matched twin of an AL network), and ``extras``
+add tables read from each finished run: a metric at the selected epoch (AL's associated loss per
+component), or a per-layer class-distance quantity from ``creditflow analyze`` (AL's Table 7).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from importlib import resources
@@ -21,6 +25,7 @@ from .. import data
 from .checkpoint import write_json, write_text
 from .config import RunConfig, validate
 from .loop import train
+from .metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,34 @@ class Cell(BaseModel):
     settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+class Extra(BaseModel):
+    """A report table beyond the test accuracy, read from each finished run.
+
+    ``source: metrics``: the value of ``key`` (e.g. AL's ``assoc_loss/2``, or ``train_acc``) in the
+    run's ``metrics.jsonl`` row of the selected epoch (the best validation epoch, as the accuracy).
+    ``source: analysis``: ``key`` (``ratio``, ``inter`` or ``intra``) of every layer, from
+    :func:`creditflow.train.analyze.analyze` run on the finished run with the budget's
+    ``<budget>_analysis`` options (a table per cell, one row per layer position).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    source: Literal["metrics", "analysis"] = "metrics"
+    title: str
+    #: the paper's numbers: {cell id: {column: value}}
+    paper: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _analysis_keys(self):
+        if self.source == "analysis" and self.key not in ANALYSIS_KEYS:
+            raise ValueError(f"an analysis extra's key is one of {', '.join(ANALYSIS_KEYS)}, got {self.key!r}")
+        return self
+
+
+ANALYSIS_KEYS = ("ratio", "inter", "intra")
+
+
 class Preset(BaseModel):
     # keys starting with "x-" are free (YAML anchors shared by cells)
     model_config = ConfigDict(extra="allow")
@@ -50,6 +83,8 @@ class Preset(BaseModel):
     budgets: dict[str, Any]
     #: columns that are a rule with settings, e.g. ``asap-k4: {rule: asap, rule_options: {k: 4}}``
     columns: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: more report tables, from each run's metrics or from an analysis of the finished run
+    extras: list[Extra] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _only_anchors_extra(self):
@@ -57,6 +92,12 @@ class Preset(BaseModel):
         if unknown:
             raise ValueError(f"unknown preset keys {unknown}; allowed: {', '.join(type(self).model_fields)} "
                              "and x-* anchors")
+        cells = {c.id for c in self.cells}
+        for extra in self.extras:
+            if unknown := sorted(set(extra.paper) - cells):
+                raise ValueError(f"extra {extra.key!r}: paper numbers for unknown cell(s) {unknown}")
+            if unknown := sorted({r for numbers in extra.paper.values() for r in numbers} - set(self.rules)):
+                raise ValueError(f"extra {extra.key!r}: paper numbers for unknown column(s) {unknown}")
         return self
 
 
@@ -91,7 +132,9 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
     """The columns of a cell (those the paper reports) and one (column, RunConfig) per column and seed.
 
     Settings merge in this order: budget < the cell's full-budget or quick overrides < the
-    column's definition (``columns``) < the cell's per-column ``settings``.
+    column's definition (``columns``) < the cell's per-column ``settings``. A column may set
+    ``model`` (default: the cell's) and ``model_options``; these update the budget's
+    ``<budget>_model_options`` for that model (looked up by full spec, then by name before ``:``).
     """
     budget = dict(preset.budgets[opts.budget])
     seeds = opts.seeds or budget.pop("seeds", 1)
@@ -100,14 +143,18 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
         budget.update(cell.full)
     else:
         budget.update(preset.budgets.get("quick_overrides", {}).get(cell.id, {}))
-    model_options = preset.budgets.get(f"{opts.budget}_model_options", {}).get(cell.model, {})
+    budget_model_options = preset.budgets.get(f"{opts.budget}_model_options", {})
     columns = [c for c in preset.rules if c in cell.paper]
     out = Path(opts.out or f"runs/reproduce-{preset.name}-{opts.budget}")
     runs = []
     for column in columns:
         column_settings = {"rule": column, **preset.columns.get(column, {}), **cell.settings.get(column, {})}
+        # a column may train another model (BP's matched twin of an al-* model) with its own options
+        model = column_settings.pop("model", cell.model)
+        model_options = {**budget_model_options.get(model, budget_model_options.get(model.split(":")[0], {})),
+                         **column_settings.pop("model_options", {})}
         for seed in range(seeds):
-            values = {**budget, "seed": seed, "dataset": cell.dataset, "model": cell.model, "augment": cell.augment,
+            values = {**budget, "seed": seed, "dataset": cell.dataset, "model": model, "augment": cell.augment,
                       "model_options": model_options, "data_dir": opts.data_dir, "download": opts.budget == "full",
                       "device": opts.device, **column_settings,
                       "out": str(out / cell.id / column / f"seed{seed}")}
@@ -147,7 +194,8 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
         summaries: dict[str, list[dict]] = {c: [] for c in columns}
         for column, cfg in runs:
             log.info("%s: %s seed %d", cell.id, column, cfg.seed)
-            summaries[column].append(train(cfg, resume=True, progress=progress))
+            summary = train(cfg, resume=True, progress=progress)
+            summaries[column].append({**summary, **run_extras(preset, cfg, summary, opts)})
         results["cells"][cell.id] = {"summaries": summaries}
         write_json(out / "results.json", results)  # after every cell: a killed run keeps what it has
     report = to_report(preset, results, opts)
@@ -157,8 +205,43 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     return results
 
 
-def paper_number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def run_extras(preset: Preset, cfg: RunConfig, summary: dict[str, Any], opts: ReproduceOptions) -> dict[str, Any]:
+    """What the preset's extras read from a finished run: ``{"metrics": {key: value}, "layers": [...]}``."""
+    out: dict[str, Any] = {}
+    run = cfg.out_dir()
+    keys = [e.key for e in preset.extras if e.source == "metrics"]
+    if keys:
+        rows = read_jsonl(run / "metrics.jsonl")
+        row = next((r for r in rows if r["epoch"] == summary["best_epoch"]), {})
+        out["metrics"] = {k: row.get(k) for k in keys}
+    if any(e.source == "analysis" for e in preset.extras):
+        from .analyze import AnalyzeOptions, analyze
+
+        options = {"plot": False, "tsne": False, **preset.budgets.get(f"{opts.budget}_analysis", {}),
+                   "device": opts.device, "data_dir": opts.data_dir}
+        saved = run / "analysis" / "analysis.json"
+        if saved.is_file() and saved.stat().st_mtime >= (run / "checkpoint.pt").stat().st_mtime:
+            result = json.loads(saved.read_text())  # analysed after the last epoch: a rerun only rewrites the report
+        else:
+            result = analyze(run, AnalyzeOptions(**options))
+        out["layers"] = [{k: layer[k] for k in ("layer", "dim", *ANALYSIS_KEYS)} for layer in result["layers"]]
+    return out
+
+
+def paper_number(value: float | None, fmt: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def budget_notes(preset: Preset, budget: str) -> str:
+    """The budget's per-cell overrides and model options, as report text (empty when there are none)."""
+    overrides = (preset.budgets.get("quick_overrides", {}) if budget == "quick"
+                 else {c.id: c.full for c in preset.cells if c.full})
+    parts = [(label, settings) for label, settings in (
+        ("Per-cell overrides", overrides), ("Model options", preset.budgets.get(f"{budget}_model_options", {})))
+        if settings]
+    return "".join(f". {label}: " + "; ".join(f"{key}: " + ", ".join(f"{o}={v}" for o, v in values.items())
+                                              for key, values in settings.items())
+                   for label, settings in parts)
 
 
 def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -> str:
@@ -169,6 +252,7 @@ def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -
         f"Paper: {preset.paper}. Cells: ours as mean ± std of the test accuracy at the best validation "
         "epoch over seeds, with the paper's number in brackets. Budget: "
         + ", ".join(f"{k}={v}" for k, v in budget.items())
+        + budget_notes(preset, opts.budget)
         + ". Each run's resolved config is in `<cell>/<rule>/seed<k>/config.yaml`.",
         "",
         "| cell | " + " | ".join(preset.rules) + " |",
@@ -194,6 +278,80 @@ def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             cells.append(f"{statistics.fmean(accs):.4f} ± {std:.4f} ({paper_number(cell.paper[r])})")
         lines.append(f"| {cell.id} | " + " | ".join(cells) + " |")
+    for extra in preset.extras:
+        lines += ["", *extra_report(preset, extra, results)]
     if notes:
         lines += ["", "Skipped cells:", *notes]
     return "\n".join(lines) + "\n"
+
+
+def mean_std(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4g} ± {std:.2g}"
+
+
+def extra_report(preset: Preset, extra: Extra, results: dict[str, Any]) -> list[str]:
+    """An extra's table(s): metrics, cells by columns; analysis, per cell, layers by columns."""
+    ran = [(cell, results["cells"][cell.id]["summaries"]) for cell in preset.cells
+           if "summaries" in results["cells"].get(cell.id, {})]
+    if extra.source == "metrics":
+        lines = [f"{extra.title}: ours at the selected epoch, mean ± std over seeds (the paper's number in "
+                 "brackets).", "", "| cell | " + " | ".join(preset.rules) + " |", "|---|" + "---|" * len(preset.rules)]
+        for cell, summaries in ran:
+            paper = extra.paper.get(cell.id, {})
+            row = []
+            for r in preset.rules:
+                runs = summaries.get(r)
+                if not runs:
+                    row.append("–")
+                    continue
+                ours = mean_std([s.get("metrics", {}).get(extra.key) for s in runs])
+                row.append(f"{ours} ({paper_number(paper[r], '.4g')})" if r in paper else ours)
+            lines.append(f"| {cell.id} | " + " | ".join(row) + " |")
+        return lines
+    lines = [f"{extra.title}: `{extra.key}` of each layer's features (`creditflow analyze`), mean ± std over "
+             "seeds; layers in forward order, `input` first, each column's layers lined up with the deepest "
+             "column's by feature size (a layer with no counterpart shows –)."]
+    for cell, summaries in ran:
+        columns = [r for r in preset.rules if summaries.get(r)]
+        ref = max(columns, key=lambda r: len(summaries[r][0].get("layers", [])))  # the deepest column sets the rows
+        depth = len(summaries[ref][0].get("layers", []))
+        lines += ["", f"`{cell.id}`:", "", "| # | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        rows = {r: align_layers(summaries[ref][0].get("layers", []), summaries[r][0].get("layers", []))
+                for r in columns}
+        for i in range(depth):
+            row = []
+            for r in columns:
+                j = rows[r].get(i)
+                layers = [] if j is None else [s["layers"][j] for s in summaries[r] if j < len(s.get("layers", []))]
+                row.append(f"{mean_std([x[extra.key] for x in layers])} ({layers[0]['layer']})" if layers else "–")
+            lines.append(f"| {i} | " + " | ".join(row) + " |")
+        if paper := extra.paper.get(cell.id):
+            lines.append("| paper | " + " | ".join(paper_number(paper.get(r), ".4g") for r in columns) + " |")
+    return lines
+
+
+def align_layers(ref: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[int, int]:
+    """``{row in ref: index in other}``: the longest common subsequence of the two lists' feature sizes.
+
+    A BP twin and its AL network share every layer's size except where one holds a layer the other
+    has not (e.g. the BP block that is a whole bridge, where AL also shows the bridge's hidden layer).
+    """
+    a, b = [x["dim"] for x in ref], [x["dim"] for x in other]
+    best = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]  # best[i][j]: LCS length of a[i:], b[j:]
+    for i in range(len(a) - 1, -1, -1):
+        for j in range(len(b) - 1, -1, -1):
+            best[i][j] = best[i + 1][j + 1] + 1 if a[i] == b[j] else max(best[i + 1][j], best[i][j + 1])
+    out, i, j = {}, 0, 0
+    while i < len(a) and j < len(b):
+        if a[i] == b[j]:
+            out[i] = j
+            i, j = i + 1, j + 1
+        elif best[i + 1][j] >= best[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    return out
