@@ -128,6 +128,8 @@ def train(config_file, resume, quiet, rule_option, model_option, **flags):
     from .train import train as run_train
 
     cfg, summary = run_job(RunConfig, run_train, config_file, resume, quiet, rule_option, model_option, flags)
+    if summary is None:  # a non-zero rank of a torchrun launch: rank 0 reports
+        return
     click.echo(f"{cfg.rule}: test accuracy {summary['test_acc']:.4f} at best validation epoch "
                f"{summary['best_epoch']} ({summary['selection']}); results in {cfg.out_dir()}")
 

@@ -1,0 +1,647 @@
+"""Pipelined multi-process training of the decoupled rules (Associated Learning, direct rules).
+
+``creditflow train --parallel pipeline --stages S`` (or :func:`train_pipeline`) places a rule's
+units (AL components; a direct rule's hidden blocks and its top) on S processes, one stage each
+(:mod:`creditflow.parallel.stages`), and streams micro-batches through them with
+``torch.distributed`` point-to-point messages (gloo on CPU, NCCL and one GPU per stage on CUDA).
+:func:`fit` is the same engine for a rule object and a list of batches.
+
+Messages (fixed size per boundary, so a receiver can post the next one before it needs it):
+
+- forward, stage s -> s+1: a header ``[k, N, y_1..y_N, pad]`` (int64) and the boundary tensors
+  (a direct rule's ``h``; AL's ``s`` and ``t``), padded to the batch size.
+- errors, last stage -> every stage whose blocks need them (direct rules but DRTP, local
+  classifiers, Shallow): ``[e | logits]`` (N, 2C), on a process group of its own so the two
+  directions never queue behind each other (NCCL runs one stream per group).
+
+Schedule (``docs/parallel.md`` has the table). Each stage updates its own tensors with its own
+optimizer as soon as it has what it needs:
+
+- AL, DRTP, local classifiers, Shallow: right after the stage's own forward of batch k, in both
+  schedules; stages run concurrently on different micro-batches (the AL paper's Table 1) and the
+  result equals single-process training.
+- DFA, LAS, LTAS, ``sync``: stage s applies batch k's update with ``e_k`` before its forward of
+  k+1. Forwards run one stage after another, but all stages' backwards and optimizer steps run at
+  once once ``e_k`` is out (DFA's backward unlocking); equals single-process training.
+- DFA, LAS, LTAS, ``async``: stage s uses ``e_{k-d}``, ``d = S-1-s``, when it has just forwarded
+  batch k: the error of the batch the last stage finished d micro-batches earlier, which in a
+  balanced pipeline has already arrived, so nobody waits. Its blocks' graph of batch k-d is kept,
+  with the weights its forward used (weight stashing), so ``delta`` and ``h`` still belong to one
+  batch; the gradient is applied to the current weights. Each epoch ends with a flush: every batch
+  gets exactly one update per stage.
+
+Failure: the launcher (:func:`~creditflow.parallel.launch.launch`, role ``"stage"``) stops every
+stage once one dies or raises and raises :class:`~creditflow.parallel.launch.WorkerFailed` naming it;
+checkpoints are written by rank 0 only, atomically, after every stage's state has been gathered.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import io
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .launch import launch, worker_device
+from ..rules.associated_learning import AL
+from .stages import BALANCES, ALStage, DirectStage, Plan, Stage, make_plan, make_stage
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("sync", "async")
+FORWARD_TAG, ERROR_TAG, DECODE_TAG = 0, 1, 2
+#: forward messages a stage may have in flight before it waits for the oldest (bounds run-ahead)
+SEND_WINDOW = 4
+
+
+def lag(stage: Stage, schedule: str) -> int:
+    """How many micro-batches old the error a stage uses is (0: the batch it just forwarded)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; available: {', '.join(SCHEDULES)}")
+    if schedule == "sync" or not stage.needs_output:
+        return 0
+    return stage.num_stages - 1 - stage.index
+
+
+class Links:
+    """Point-to-point messages of one stage: forward to its neighbours, errors from the last stage."""
+
+    def __init__(self, stage: Stage, plan: Plan, batch_size: int, num_classes: int, dtype: torch.dtype,
+                 device: torch.device, error_group, receivers: Sequence[int]):
+        self.stage, self.B, self.C, self.dtype, self.device = stage, batch_size, num_classes, dtype, device
+        self.index, self.S = stage.index, stage.num_stages
+        self.error_group, self.receivers = error_group, list(receivers)
+        # gloo moves CPU tensors only: stage CUDA tensors through host memory (one GPU, several stages)
+        self.wire = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.in_shapes = plan.inputs[self.index] if self.index > 0 else []
+        # AL: the decoded estimate of t coming back down has the shape of the t this stage sends up
+        self.decode_shape = plan.inputs[self.index + 1][-1] if self.index + 1 < self.S else None
+        self._decodes: deque = deque()
+        self._pending: deque = deque()  # (works, tensors) of our isends
+        self._posted = None  # the next forward message, already posted
+        self._errors: deque = deque()  # posted error receives, oldest first
+
+    # forward channel
+    def send_forward(self, k: int, y: Tensor, tensors: Sequence[Tensor]) -> None:
+        n = len(y)
+        header = torch.zeros(2 + self.B, dtype=torch.long, device=self.wire)
+        header[0], header[1] = k, n
+        header[2:2 + n] = y.to(self.wire)
+        payload = [self._pad(t) for t in tensors]
+        works = [dist.isend(t, self.index + 1, tag=FORWARD_TAG) for t in (header, *payload)]
+        self._pending.append((works, (header, *payload)))
+        while len(self._pending) > SEND_WINDOW:
+            self._wait_oldest()
+
+    def recv_forward(self, prefetch: bool) -> tuple[list[Tensor], Tensor]:
+        if self._posted is None:
+            self._posted = self._post_forward()
+        works, bufs = self._posted
+        for w in works:
+            w.wait()
+        self._posted = self._post_forward() if prefetch else None
+        n = int(bufs[0][1])
+        y = bufs[0][2:2 + n].to(self.device)
+        return [b[:n].to(self.device) for b in bufs[1:]], y
+
+    def _post_forward(self):
+        bufs = [torch.empty(2 + self.B, dtype=torch.long, device=self.wire)]
+        bufs += [torch.empty(self.B, *shape, dtype=self.dtype, device=self.wire) for shape in self.in_shapes]
+        return [dist.irecv(b, self.index - 1, tag=FORWARD_TAG) for b in bufs], bufs
+
+    def _pad(self, t: Tensor) -> Tensor:
+        t = t.to(self.wire)
+        if len(t) == self.B:
+            return t.contiguous()
+        out = t.new_zeros(self.B, *t.shape[1:])
+        out[:len(t)] = t
+        return out
+
+    # error channel
+    def send_errors(self, e: Tensor, logits: Tensor) -> None:
+        msg = self._pad(torch.cat([e, logits], 1).to(self.dtype))
+        works = [dist.isend(msg, r, group=self.error_group, tag=ERROR_TAG) for r in self.receivers]
+        self._pending.append((works, (msg,)))
+        while len(self._pending) > SEND_WINDOW * max(1, self.S):
+            self._wait_oldest()
+
+    def post_error(self) -> None:
+        buf = torch.empty(self.B, 2 * self.C, dtype=self.dtype, device=self.wire)
+        self._errors.append((dist.irecv(buf, self.S - 1, group=self.error_group, tag=ERROR_TAG), buf))
+
+    def take_error(self, n: int) -> tuple[Tensor, Tensor]:
+        """``(e, logits)`` of the oldest posted error message, each (n, C)."""
+        work, buf = self._errors.popleft()
+        work.wait()
+        buf = buf[:n].to(self.device)
+        return buf[:, :self.C], buf[:, self.C:]
+
+    # AL's decode channel (train accuracy): stage s+1 -> s, on the error group (AL sends no errors)
+    def send_decode(self, t: Tensor) -> None:
+        msg = self._pad(t)
+        self._pending.append(([dist.isend(msg, self.index - 1, group=self.error_group, tag=DECODE_TAG)], (msg,)))
+        while len(self._pending) > SEND_WINDOW * max(1, self.S):
+            self._wait_oldest()
+
+    def post_decode(self) -> None:
+        buf = torch.empty(self.B, *self.decode_shape, dtype=self.dtype, device=self.wire)
+        self._decodes.append((dist.irecv(buf, self.index + 1, group=self.error_group, tag=DECODE_TAG), buf))
+
+    def take_decode(self, n: int) -> Tensor:
+        work, buf = self._decodes.popleft()
+        work.wait()
+        return buf[:n].to(self.device)
+
+    def flush(self) -> None:
+        while self._pending:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        works, _ = self._pending.popleft()
+        for w in works:
+            w.wait()
+
+
+class EpochStats(NamedTuple):
+    loss_sum: float
+    correct: int | None
+    seen: int
+    steps: int
+    metrics: dict[str, float]  # sums over steps
+    start: float  # wall clock (time.time) of this stage's first step
+    start_timed: float  # ... of its first step after ``warmup`` steps
+    end: float
+    busy_s: float  # forward, update and optimizer step
+    wait_s: float  # blocked on a message
+    losses: list[float]  # per step (only with record_losses)
+
+
+class Runner:
+    """Drives one stage through micro-batches under a schedule."""
+
+    def __init__(self, stage: Stage, links: Links, schedule: str, optimizer: torch.optim.Optimizer,
+                 step_hook: Callable[[int, int], None] | None = None, profile: bool = False,
+                 record_losses: bool = False):
+        self.stage, self.links, self.opt = stage, links, optimizer
+        self.schedule, self.lag = schedule, lag(stage, schedule)
+        self.hook, self.profile, self.record_losses = step_hook, profile, record_losses
+        self.global_step = 0
+        self.cuda = getattr(stage, "device", torch.device("cpu")).type == "cuda"
+
+    def _now(self) -> float:
+        if self.profile and self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _step(self) -> None:
+        if self.opt is None:  # a stage of frozen blocks only (Shallow)
+            return
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def run_epoch(self, steps: int, batches: Iterator[tuple[Tensor, Tensor]] | None, warmup: int = 0) -> EpochStats:
+        stage, links = self.stage, self.links
+        self.stage.train()
+        dev = getattr(stage, "device", torch.device("cpu"))
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), dtype=torch.long, device=dev)
+        metric_sums: dict[str, Tensor] = {}
+        seen, busy, wait, losses = 0, 0.0, 0.0, []
+        queue: deque = deque()  # records waiting for their error (direct rules that need it)
+        decode_queue: deque = deque()  # AL records waiting for the decoded estimate from above
+        decode_lag = stage.num_stages - 1 - stage.index
+        start = start_timed = time.time()
+        for k in range(steps):
+            if k == warmup and k:
+                start_timed = time.time()
+            if self.hook is not None:
+                self.hook(stage.index, self.global_step)
+            t0 = self._now()
+            if stage.is_first:
+                x, y = next(batches)
+                inputs = stage.first_inputs(x, y) if isinstance(stage, ALStage) else [x]
+            else:
+                inputs, y = links.recv_forward(prefetch=k + 1 < steps)
+            t1 = self._now()
+            wait += t1 - t0
+            waited_before = wait
+            record, send = stage.forward(inputs, y, stash=self.lag > 0)
+            if not stage.is_last:
+                links.send_forward(k, y, send)
+            step_loss = None
+            if isinstance(stage, ALStage):
+                step_loss = stage.update(record)
+                self._step()
+                for name, v in stage.metrics.items():
+                    metric_sums[name] = metric_sums.get(name, 0) + v.float()
+                if stage.is_last:
+                    correct += self._decoded(record.decoders, y)
+                else:  # the batch the stage above decoded d steps ago, at the weights of its forward
+                    links.post_decode()
+                    decode_queue.append(record)
+                    if len(decode_queue) > decode_lag:
+                        wait += self._decode_oldest(decode_queue, correct)
+            elif stage.is_last:
+                step_loss, e = stage.output_error(record)
+                logits = record.logits.detach()
+                if links.receivers:
+                    links.send_errors(e, logits)
+                stage.update(record, e, logits)
+                self._step()
+                correct += (logits.argmax(-1) == y).sum()
+            elif not stage.needs_output:
+                stage.update(record, None, None)
+                self._step()
+            else:
+                links.post_error()
+                queue.append(record)
+                if len(queue) > self.lag:
+                    wait += self._update_oldest(queue)
+            if step_loss is not None:
+                loss_sum += step_loss * len(y)
+                if self.record_losses:
+                    losses.append(float(step_loss))
+            seen += len(y)
+            self.global_step += 1
+            busy += self._now() - t1 - (wait - waited_before)  # waits for errors/decodes are not work
+        while queue:  # flush: the last d batches' updates
+            t1 = self._now()
+            w = self._update_oldest(queue)
+            wait += w
+            busy += self._now() - t1 - w
+        while decode_queue:
+            t1 = self._now()
+            w = self._decode_oldest(decode_queue, correct)
+            wait += w
+            busy += self._now() - t1 - w
+        links.flush()
+        if self.cuda:
+            torch.cuda.synchronize()
+        end = time.time()
+        counts = stage.is_last if isinstance(stage, DirectStage) else stage.is_first  # who sees the prediction
+        return EpochStats(loss_sum.item(), int(correct.item()) if counts else None, seen, steps,
+                          {n: float(v) for n, v in metric_sums.items()}, start, start_timed, end, busy, wait,
+                          losses)
+
+    def _decoded(self, t: Tensor, y: Tensor) -> Tensor:
+        """AL: pass the decoded estimate down, or on stage 0 count correct predictions."""
+        if self.stage.is_first:
+            return (t.argmax(-1) == y).sum()
+        self.links.send_decode(t)
+        return torch.zeros((), dtype=torch.long, device=y.device)
+
+    def _decode_oldest(self, queue: deque, correct: Tensor) -> float:
+        record = queue.popleft()
+        t0 = self._now()
+        t = self.links.take_decode(len(record.y))
+        waited = self._now() - t0
+        correct += self._decoded(self.stage.decode(t, record), record.y)
+        return waited
+
+    def _update_oldest(self, queue: deque) -> float:
+        record = queue.popleft()
+        t0 = self._now()
+        e, logits = self.links.take_error(len(record.y))
+        waited = self._now() - t0
+        self.stage.update(record, e, logits)
+        self._step()
+        return waited
+
+
+# --- process setup shared by the trainer and fit() -----------------------------------------------
+
+class Groups(NamedTuple):
+    control: Any  # gloo: Python objects (plan, states, metrics, end of epoch)
+    errors: Any  # the error channel
+
+
+#: the control group waits this long: stages wait there while rank 0 evaluates and writes the checkpoint.
+#: A stage that dies is still seen at once (by the launcher), and the data channels keep the launch timeout.
+CONTROL_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def make_groups() -> Groups:
+    world = list(range(dist.get_world_size()))
+    control = dist.new_group(world, backend="gloo", timeout=CONTROL_TIMEOUT)
+    return Groups(control, dist.new_group(world))
+
+
+def broadcast(obj, group, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def error_receivers(rule, plan: Plan) -> list[int]:
+    from ..rules.base import DirectRule
+
+    if isinstance(rule, DirectRule) and rule.signals_need_output:
+        return list(range(len(plan.stages) - 1))
+    return []
+
+
+def setup_stage(rule, plan: Plan, rank: int, device: torch.device, groups: Groups,
+                batch_size: int) -> tuple[Stage, Links]:
+    stage = make_stage(rule, plan, rank).to(device)
+    dtype = next(rule.model.parameters()).dtype
+    links = Links(stage, plan, batch_size, rule.num_classes, dtype, device, groups.errors,
+                  error_receivers(rule, plan))
+    return stage, links
+
+
+def to_cpu(obj):
+    """A copy of ``obj`` (nested dicts, lists, tuples) with every tensor moved to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def pack(obj) -> bytes:
+    """``obj`` as bytes: tensors in a worker's result would otherwise travel as shared-memory handles
+    that die with the worker (torch.multiprocessing's pickler), a race with the parent's read."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def unpack(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def merge_states(base: dict[str, Tensor], parts: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The whole rule's state: ``base`` (fixed tensors, identical on every stage) overwritten by each stage's own."""
+    merged = {n: t.detach().cpu() for n, t in base.items()}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+# --- fit: a rule object and a list of batches ----------------------------------------------------
+
+def fit(rule, batches: Sequence[tuple[Tensor, Tensor]], *, stages: int = 2, schedule: str = "sync",
+        optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None, local_lr: float | None = None,
+        balance: str = "params", backend: str = "auto", device: str = "cpu", timeout_s: float = 60.0,
+        step_hook: Callable[[int, int], None] | None = None, profile: bool = False, warmup: int = 0) -> dict[str, Any]:
+    """Train ``rule`` in place on ``batches`` (one pass) with an S-stage pipeline; return statistics.
+
+    Args:
+        rule: a direct rule on an ``nn.Sequential`` model, or ``al`` on an AssociatedNet (CPU).
+        batches: ``(x, y)`` pairs, already normalised; sent to the stages (keep them small).
+        optimizer: ``param_groups -> torch.optim.Optimizer``, e.g. ``functools.partial(torch.optim.SGD,
+            lr=0.1)`` (picklable); every stage builds its own over ``rule.param_groups(local_lr)``
+            restricted to its tensors. Default: SGD, lr 0.01.
+        step_hook: ``hook(stage, step)`` called in every stage before each step (tests kill a stage here).
+        warmup: steps left out of ``samples_per_second`` (they still train).
+
+    Returns:
+        ``{"losses": per-step loss (last stage; AL: summed over stages), "correct": right training
+        predictions (at each step's weights, as ``StepResult.logits``), "plan": [[units] per stage],
+        "seconds", "samples_per_second", "stage_busy_s", "stage_wait_s"}``. The trained state is
+        loaded into ``rule``.
+    """
+    if optimizer is None:
+        import functools
+
+        optimizer = functools.partial(torch.optim.SGD, lr=0.01)
+    if balance not in BALANCES:
+        raise ValueError(f"unknown balance {balance!r}; available: {', '.join(BALANCES)}")
+    if schedule not in SCHEDULES:  # fail before spawning
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; available: {', '.join(SCHEDULES)}")
+    batches = [(x.detach().cpu(), y.detach().cpu()) for x, y in batches]
+    sent = rule if all(t.device.type == "cpu" for t in rule.state_dict().values()) else copy.deepcopy(rule).cpu()
+    args = (sent, batches, optimizer, local_lr, stages, schedule, balance, step_hook, profile, warmup)
+    results = launch(_fit_worker, stages, args, backend=backend, device=device, timeout_s=timeout_s, role="stage")
+    out = unpack(results[0])
+    rule.load_state_dict(out.pop("state"))
+    return out
+
+
+def _fit_worker(rank, world, rule, batches, optimizer, local_lr, stages, schedule, balance, step_hook, profile, warmup):
+    device = worker_device()
+    groups = make_groups()
+    batch_size = max(len(y) for _, y in batches)
+    plan = broadcast(make_plan(rule, stages, balance, batch_size, device) if rank == 0 else None, groups.control)
+    base = {n: t.detach().clone() for n, t in rule.state_dict().items()} if rank == 0 else None
+    stage, links = setup_stage(rule, plan, rank, device, groups, batch_size)
+    groups_ = stage.param_groups(local_lr)
+    opt = optimizer(groups_) if groups_ else None
+    runner = Runner(stage, links, schedule, opt, step_hook, profile=profile, record_losses=True)
+    it = ((x.to(device), y.to(device)) for x, y in batches) if rank == 0 else None
+    stats = runner.run_epoch(len(batches), it, warmup)
+    reports = [None] * world if rank == 0 else None
+    dist.gather_object((stage.owned_state(), stats), reports, dst=0, group=groups.control)
+    if rank != 0:
+        return None
+    states, all_stats = zip(*reports)
+    if isinstance(stage, ALStage):  # every stage's local losses make the step's loss
+        losses = [sum(v) for v in zip(*(s.losses for s in all_stats))]
+    else:
+        losses = all_stats[-1].losses
+    seconds = max(s.end for s in all_stats) - all_stats[0].start_timed
+    timed = sum(len(y) for _, y in batches[warmup:])
+    return pack({"state": merge_states(base, states), "losses": losses, "plan": [list(r) for r in plan.stages],
+                 "correct": next((s.correct for s in all_stats if s.correct is not None), None),
+                 "seconds": seconds, "samples_per_second": timed / seconds,
+                 "stage_busy_s": [s.busy_s for s in all_stats], "stage_wait_s": [s.wait_s for s in all_stats]})
+
+
+# --- the trainer: creditflow train --parallel pipeline ---------------------------------------------
+
+class _Shape(NamedTuple):
+    shape: tuple
+    num_classes: int
+
+
+def train_pipeline(cfg, *, resume: bool = False, progress: bool = True, balance: str = "params",
+                   step_hook: Callable[[int, int], None] | None = None, timeout_s: float = 60.0,
+                   profile: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` (``cfg.parallel == "pipeline"``) on ``cfg.stages`` processes; return the summary.
+
+    Writes what :func:`creditflow.train.loop.train` writes (``config.yaml``, ``metrics.jsonl``,
+    ``checkpoint.pt``, ``summary.json``); metrics rows add ``samples_per_second`` and per-stage
+    ``stage_busy_s``/``stage_wait_s``. The checkpoint's ``rule`` is the whole rule's state (it loads
+    into the single-process rule); ``pipeline`` holds every stage's optimizer, scheduler and RNG.
+    """
+    if balance not in BALANCES:
+        raise ValueError(f"unknown balance {balance!r}; available: {', '.join(BALANCES)}")
+    from ..registry import RULES
+    from ..rules.base import DirectRule
+    from ..train.loop import resolve_device
+
+    builder = RULES.get(cfg.rule).builder
+    if not (isinstance(builder, type) and issubclass(builder, (DirectRule, AL))):
+        raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: it has backward locking (every layer waits for the "
+                         "layers above); the pipeline runs direct rules (dfa, drtp, las, ltas, local, shallow) and "
+                         "al; use --parallel ddp")
+    device = resolve_device(cfg.device).type
+    args = (cfg.model_dump(mode="json"), resume, progress, balance, step_hook, profile)
+    return launch(_train_worker, cfg.stages, args, backend=cfg.backend, device=device, timeout_s=timeout_s,
+                  role="stage")[0]
+
+
+def _train_worker(rank, world, cfg_json, resume, progress, balance, step_hook, profile):
+    from tqdm.auto import tqdm
+
+    from .. import data
+    from ..train.checkpoint import load_checkpoint, save_checkpoint, write_text
+    from ..train.config import RunConfig, dump_yaml
+    from ..train.loop import NonFiniteLoss, build_run, evaluate, make_optimizer, make_scheduler
+    from ..train.metrics import read_jsonl, summarize, write_jsonl, write_summary
+
+    cfg = RunConfig.model_validate(cfg_json)
+    device = worker_device()
+    groups = make_groups()
+    out = cfg.out_dir()
+    ckpt_path = out / "checkpoint.pt"
+    splits = meta = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        splits = data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                           val_fraction=cfg.val_fraction, seed=cfg.seed)
+        steps = math.ceil(len(splits.train) / cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        meta = (tuple(splits.shape), splits.num_classes, steps)
+    shape, num_classes, steps = broadcast(meta, groups.control)
+    # Every stage builds the whole rule as the single-process trainer does (same seed, same init).
+    rule = build_run(cfg, _Shape(shape, num_classes), torch.device("cpu"))[0]
+
+    ckpt = None
+    if rank == 0 and resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, "cpu")
+        if ckpt["config"] != cfg.model_dump(mode="json"):
+            raise ValueError(f"cannot resume {out}: its config differs from this one; "
+                             "use the saved config.yaml or another --out")
+        log.info("resuming %s at epoch %d", out, ckpt["epoch"] + 1)
+    elif rank == 0 and resume:
+        log.info("nothing to resume in %s; starting fresh", out)
+    ckpt = broadcast(ckpt, groups.control)
+    if ckpt is not None:
+        rule.load_state_dict(ckpt["rule"])
+    if rank == 0:
+        plan = make_plan(rule, world, balance, cfg.batch_size, device)
+        if ckpt is not None:  # the optimizer states are per stage: keep the saved split
+            parts = [range(*r) for r in ckpt["pipeline"]["stages"]]
+            if len(parts) == world:
+                plan = plan._replace(stages=parts, inputs=_inputs_for(rule, parts))
+        for line in plan.describe(rule):
+            log.info("%s", line)
+    plan = broadcast(plan if rank == 0 else None, groups.control)
+    eval_rule = copy.deepcopy(rule).to(device) if rank == 0 else None
+    base = {n: t.detach().clone() for n, t in rule.state_dict().items()} if rank == 0 else None
+    stage, links = setup_stage(rule, plan, rank, device, groups, cfg.batch_size)
+    param_groups = stage.param_groups(cfg.local_lr)
+    opt = make_optimizer(cfg, param_groups) if param_groups else None  # None: frozen blocks only (Shallow)
+    sched = make_scheduler(cfg, opt) if opt is not None else None
+    start = 0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if ckpt is not None:
+        saved = ckpt["pipeline"]
+        if saved["num_stages"] != world:
+            raise ValueError(f"cannot resume {out}: it was trained with {saved['num_stages']} stages, "
+                             f"this run has {world}; use --stages {saved['num_stages']}")
+        if opt is not None:
+            opt.load_state_dict(saved["optimizers"][rank])
+        if sched is not None:
+            sched.load_state_dict(saved["schedulers"][rank])
+        torch.set_rng_state(saved["torch_rng"][rank])
+        start = ckpt["epoch"]
+        gen.set_state(ckpt["generator"])
+    runner = Runner(stage, links, cfg.pipeline_schedule, opt, step_hook, profile=profile)
+    runner.global_step = start * steps
+
+    rows: list[dict[str, Any]] = []
+    augment = None
+    if rank == 0:
+        rows = read_jsonl(out / "metrics.jsonl")[:start]
+        write_text(out / "config.yaml", dump_yaml(cfg))
+        augment = data.augment.build(cfg.augment)
+
+    def epoch_batches():
+        for xb, yb in data.batches(splits.train, cfg.batch_size, shuffle=True, generator=gen):
+            x, y = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            yield splits.normalize(augment(x, generator=gen)), y
+
+    for epoch in range(start, cfg.epochs):
+        bar = tqdm(total=steps, desc=f"{cfg.rule} pipeline epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (progress and rank == 0))
+        stats = runner.run_epoch(steps, epoch_batches() if rank == 0 else None)
+        bar.update(steps)
+        bar.close()
+        if sched is not None:
+            sched.step()
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        report = (stage.owned_state(), to_cpu(opt.state_dict()) if opt else None, sched.state_dict() if sched else None,
+                  torch.get_rng_state(), stats, peak)
+        reports = [None] * world if rank == 0 else None
+        dist.gather_object(report, reports, dst=0, group=groups.control)
+        if rank != 0:
+            broadcast(None, groups.control)  # wait here, not on a data channel, while rank 0 evaluates
+            continue
+        states, optims, scheds, rngs, all_stats, peaks = zip(*reports)
+        seen = all_stats[0].seen
+        train_loss = sum(s.loss_sum for s in all_stats) / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, the last good "
+                                f"checkpoint is kept (try a smaller --lr)")
+        correct = next((s.correct for s in all_stats if s.correct is not None), None)
+        seconds = max(s.end for s in all_stats) - all_stats[0].start
+        metrics = {}
+        for s in all_stats:
+            metrics.update({n: v / max(s.steps, 1) for n, v in s.metrics.items()})
+        merged = merge_states(base, states)
+        eval_rule.load_state_dict(merged)
+        row = {"epoch": epoch + 1, "train_loss": train_loss,
+               "train_acc": correct / max(seen, 1) if correct is not None else None,
+               "seconds_per_step": seconds / max(steps, 1), "samples_per_second": seen / seconds,
+               "saved_for_backward_bytes": None,
+               "peak_memory_bytes": max(p or 0 for p in peaks) or None,
+               "stage_busy_s": [round(s.busy_s, 4) for s in all_stats],
+               "stage_wait_s": [round(s.wait_s, 4) for s in all_stats],
+               **dict(sorted(metrics.items()))}
+        row["val_acc"] = evaluate(eval_rule.model, splits.val, splits, device, cfg.eval_batch_size)
+        row["test_acc"] = evaluate(eval_rule.model, splits.test, splits, device, cfg.eval_batch_size)
+        row["lr"] = opt.param_groups[0]["lr"] if opt is not None else cfg.lr
+        rows.append(row)
+        save_checkpoint(ckpt_path, {
+            "epoch": epoch + 1, "config": cfg.model_dump(mode="json"), "rule": merged,
+            "optimizer": None, "scheduler": None, "generator": gen.get_state(), "torch_rng": rngs[0],
+            "pipeline": {"num_stages": world, "schedule": cfg.pipeline_schedule,
+                         "stages": [[r.start, r.stop] for r in plan.stages], "balance": plan.balance,
+                         "optimizers": list(optims), "schedulers": list(scheds), "torch_rng": list(rngs)},
+        })
+        write_jsonl(out / "metrics.jsonl", rows)
+        broadcast(None, groups.control)  # epoch done: the stages go on
+        log.info("epoch %d: loss %.4f val %s test %.4f (%.0f samples/s, %d stages)", row["epoch"], train_loss,
+                 row["val_acc"], row["test_acc"], row["samples_per_second"], world)
+    summary = None
+    if rank == 0:
+        summary = summarize(rows, cfg.model_dump(mode="json"))
+        summary["pipeline"] = {"stages": world, "schedule": cfg.pipeline_schedule,
+                               "plan": [[r.start, r.stop] for r in plan.stages]}
+        write_summary(out / "summary.json", summary)
+    # every rank returns it: under torchrun each process is a CLI that reports it
+    return broadcast(summary, groups.control)
+
+
+def _inputs_for(rule, parts: Sequence[range]) -> list[list[tuple[int, ...]]]:
+    from .stages import probe_inputs
+
+    probes = probe_inputs(rule)
+    return [[tuple(t.shape[1:]) for t in probes[r.start]] for r in parts]
+
+
+__all__ = ["SCHEDULES", "fit", "lag", "train_pipeline"]
