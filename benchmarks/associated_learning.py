@@ -36,7 +36,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_time.py beside this file
-from step_time import OPTIMIZERS, machine_info, median_iqr, steady_malloc, write_atomic  # noqa: E402
+from step_time import OPTIMIZERS, machine_info, median_iqr, steady_malloc, timed_step, write_atomic  # noqa: E402
 
 import creditflow as cf  # noqa: E402
 from creditflow.diagnostics import peak_memory  # noqa: E402
@@ -92,15 +92,7 @@ def bench_pair(pair: str, *, device, batch, warmup, rounds, optimizer, seed, al_
         runs[rule_name] = (spec, rule, OPTIMIZERS[optimizer](list(rule.parameters())))
 
     def one_step(rule, opt) -> tuple[float, float]:
-        sync()
-        t0 = time.perf_counter()
-        rule.step(x, y)
-        sync()
-        t1 = time.perf_counter()
-        opt.step()
-        opt.zero_grad()
-        sync()
-        return t1 - t0, time.perf_counter() - t0
+        return timed_step(rule, opt, x, y, sync)
 
     for _, rule, opt in runs.values():
         for _ in range(warmup):

@@ -25,8 +25,6 @@ the JSON keeps the machine's load average beside them.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import platform
@@ -38,10 +36,13 @@ from pathlib import Path
 import click
 import torch
 
-import creditflow as cf
-from creditflow.parallel.launch import launch
-from creditflow.parallel.pipeline import fit
-from creditflow.parallel.stages import ALStage, make_plan, make_stage, partition, probe_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_time.py beside this file
+from step_time import steady_malloc  # noqa: E402  (glibc thresholds, inherited by spawned workers)
+
+import creditflow as cf  # noqa: E402
+from creditflow.parallel.launch import launch  # noqa: E402
+from creditflow.parallel.pipeline import fit  # noqa: E402
+from creditflow.parallel.stages import ALStage, make_plan, make_stage, partition  # noqa: E402
 
 #: name -> (rule, model spec, schedule); batch size, classes and input shape from the options
 CASES = {
@@ -53,18 +54,6 @@ CASES = {
     "drtp": ("drtp", "mlp:784-1024-1024-1024-1024-10", "sync"),
 }
 DEPTH_CASES = ("al-2", "al-4", "al-8")
-
-
-def steady_malloc() -> bool:
-    """glibc keeps freed memory for reuse here and in every worker (as ``benchmarks/step_time.py``):
-    otherwise a fresh worker pays page faults that this process, warmed up, no longer does."""
-    os.environ.update(MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 30))  # spawned workers
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def optimizer(params):
@@ -240,7 +229,7 @@ def main(device, cases, stage_list, model_max, batch, steps, warmup, repeats, ou
         single = single_process(case, batches, dev, warmup)
         units = unit_times(case, batch, dev, repeats)
         n_units = len(units["forward_s"])
-        row = {"case": case, "rule": rule_name, "model": spec, "schedule": schedule, "batch": batch,
+        row = {"case": case, "rule": rule_name, "network": spec, "schedule": schedule, "batch": batch,
                "units": n_units, "single_samples_per_s": single, "unit_times": units, "measured": {}, "model": {}}
         base_period = sum(units["forward_s"]) + sum(units["update_s"])
         for S in range(1, min(model_max, n_units) + 1):

@@ -87,6 +87,8 @@ def steady_malloc() -> bool:
     tuning guide recommends a caching allocator (jemalloc, tcmalloc) for the same reason.
     Returns False where ``mallopt`` is missing (not glibc).
     """
+    # the same thresholds for processes this one spawns (the pipeline benchmark's workers)
+    os.environ.update(MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -130,6 +132,19 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def timed_step(rule, opt, x, y, sync) -> tuple[float, float]:
+    """One training step; returns (``rule.step`` seconds, whole step seconds), ``sync`` around each."""
+    sync()
+    t0 = time.perf_counter()
+    rule.step(x, y)
+    sync()
+    t1 = time.perf_counter()
+    opt.step()
+    opt.zero_grad()
+    sync()
+    return t1 - t0, time.perf_counter() - t0
+
+
 def bench_model(model_key: str, rule_names: list[str], *, device, batch, classes, warmup, rounds,
                 steps_per_round, optimizer, seed) -> list[Result]:
     spec, shape = MODELS[model_key]
@@ -146,16 +161,7 @@ def bench_model(model_key: str, rule_names: list[str], *, device, batch, classes
         runs[name] = (rule, OPTIMIZERS[optimizer](list(rule.parameters())))
 
     def one_step(rule, opt) -> tuple[float, float]:
-        sync()
-        t0 = time.perf_counter()
-        rule.step(x, y)
-        sync()
-        t1 = time.perf_counter()
-        opt.step()
-        opt.zero_grad()
-        sync()
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t0
+        return timed_step(rule, opt, x, y, sync)
 
     for rule, opt in runs.values():
         for _ in range(warmup):
