@@ -25,10 +25,9 @@ Results: a markdown table on stdout and ``associated_learning_<device>.{json,md}
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -36,7 +35,8 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_time.py beside this file
-from step_time import OPTIMIZERS, machine_info, median_iqr, steady_malloc, timed_step, write_atomic  # noqa: E402
+from step_time import (OPTIMIZERS, machine_info, median_iqr, steady_malloc, timed_step,  # noqa: E402
+                       write_results)
 
 import creditflow as cf  # noqa: E402
 from creditflow.diagnostics import peak_memory  # noqa: E402
@@ -194,12 +194,7 @@ def main(pair_text, device, threads, batch, warmup, rounds, optimizer, seed, al_
     click.echo(table)
     out.mkdir(parents=True, exist_ok=True)
     stem = "_".join([f"associated_learning_{dev.type}", *(f"{k}-{v}" for k, v in al_options.items())])
-    write_atomic(out / f"{stem}.json", json.dumps(
-        {"machine": machine, "settings": settings, "results": [asdict(r) for r in results]}, indent=2) + "\n")
-    header = "\n".join(f"- {k}: {v}" for k, v in {**machine, **settings}.items())
-    title = f"# Associated Learning vs BP, step time ({dev.type})"
-    write_atomic(out / f"{stem}.md", f"{title}\n\n{header}\n\n{table}")
-    click.echo(f"wrote {out / stem}.json and .md ({settings['wall_s']} s)", err=True)
+    write_results(out / stem, f"Associated Learning vs BP, step time ({dev.type})", machine, settings, results, table)
 
 
 if __name__ == "__main__":

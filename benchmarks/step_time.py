@@ -300,11 +300,16 @@ def main(rules_text, model_keys, device, threads, batch, classes, warmup, rounds
     out.mkdir(parents=True, exist_ok=True)
     stem = "_".join(["step_time", dev.type] + [optimizer] * (optimizer != "adam")
                     + ["default-malloc"] * (malloc_used != "steady"))
+    write_results(out / stem, f"Step time ({dev.type})", machine, settings, results, table)
+
+
+def write_results(path: Path, title: str, machine: dict, settings: dict, results: list, table: str) -> None:
+    """``path``.json (machine, settings, per-rule results) and ``path``.md (the same as a header + table)."""
     payload = {"machine": machine, "settings": settings, "results": [asdict(r) for r in results]}
-    write_atomic(out / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
+    write_atomic(Path(f"{path}.json"), json.dumps(payload, indent=2) + "\n")
     header = "\n".join(f"- {k}: {v}" for k, v in {**machine, **settings}.items())
-    write_atomic(out / f"{stem}.md", f"# Step time ({dev.type})\n\n{header}\n\n{table}")
-    click.echo(f"wrote {out / stem}.json and .md ({settings['wall_s']} s)", err=True)
+    write_atomic(Path(f"{path}.md"), f"# {title}\n\n{header}\n\n{table}")
+    click.echo(f"wrote {path}.json and .md ({settings['wall_s']} s)", err=True)
 
 
 if __name__ == "__main__":

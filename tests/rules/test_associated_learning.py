@@ -201,6 +201,8 @@ def test_bad_pairings_and_options_say_what_is_allowed():
         check_rule_model("al", tiny_mlp())
     check_rule_model("bp", tiny_associated())  # end to end through the inference path
     check_rule_model("dfa", tiny_mlp())
+    with pytest.raises(ValueError, match="rule 'fa' cannot train an associated-learning model"):
+        cf.rules.build("fa", tiny_associated(), num_classes=3)  # the Python API refuses it too, not only the trainer
 
 
 def test_al_trains_end_to_end_and_logs_each_components_losses(tmp_path):

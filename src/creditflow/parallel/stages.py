@@ -25,7 +25,6 @@ gather one checkpoint that loads into the single-process rule.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -403,16 +402,6 @@ class ALStage(Stage):
 
 def make_stage(rule: Rule, plan: Plan, index: int) -> Stage:
     return ALStage(rule, plan, index) if isinstance(rule, AL) else DirectStage(rule, plan, index)
-
-
-def split_costs(plan: Plan) -> list[float]:
-    """Cost of each stage under the plan."""
-    return [sum(plan.costs[i] for i in r) for r in plan.stages]
-
-
-def max_speedup(costs: Sequence[float]) -> float:
-    """The pipeline's ideal speed-up over one process: total cost over the slowest stage."""
-    return sum(costs) / max(costs) if costs and max(costs) > 0 else math.nan
 
 
 __all__ = ["ALStage", "BALANCES", "DirectStage", "Plan", "Record", "Stage", "make_plan", "make_stage", "partition",

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from .. import data, models, rules
 from ..diagnostics import saved_tensor_bytes
-from ..rules.associated_learning import check_rule_model
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
 from .config import RunConfig, dump_yaml
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
@@ -62,7 +61,6 @@ def build_run(cfg: RunConfig, splits, device: torch.device):
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, input_shape=splits.shape, num_classes=splits.num_classes,
                          **cfg.model_options)
-    check_rule_model(cfg.rule, model)  # al <-> AssociatedNet; a clear error for any other pairing
     rule = rules.build(cfg.rule, model, splits.num_classes, **cfg.rule_arguments()).to(device)
     opt = make_optimizer(cfg, rule.param_groups(local_lr=cfg.local_lr))
     return rule, opt, make_scheduler(cfg, opt)
