@@ -27,7 +27,7 @@ SIZES = (8, 8, 7)  # global batches; 7 is cut 4 + 3: shard-size weighting
 
 def build(spec, kind="mlp"):
     name, options = cf.rules.parse_spec(spec)
-    associated = getattr(RULES.get(name).builder, "model_type", None) is not None
+    associated = RULES.get(name).builder.needs_folded_model
     if associated:
         model = tiny_associated("mlp" if kind == "mlp" else "cnn", batch_norm=kind == "cnn-bn")
     else:

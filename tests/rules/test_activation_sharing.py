@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import creditflow as cf
+from creditflow.mechanisms.feedback import active_policy
 from creditflow.diagnostics import saved_tensor_bytes
 from creditflow.rules.activation_sharing import match_activation
 from tests.reference import batch, bp_grads, output_error, tiny_cnn, tiny_mlp
@@ -81,7 +82,7 @@ def test_weight_gradient_uses_the_shared_activation(name, k, train_first):
         if name == "asap":  # eq. 4.5-4.6: Delta B = Delta W
             torch.testing.assert_close(layer.feedback.grad, ref[i][0])
     assert model[0].unused.grad is None
-    assert all(layer.activation_override is None for layer in rule.layers)  # inference is plain again
+    assert active_policy() is None  # inference is plain again
 
 
 @pytest.mark.parametrize("method", [1, 2, 3])
@@ -108,18 +109,18 @@ def test_asap_trains_a_conv_net_with_every_matching_method(match):
     model = cf.models.build("alexnet-asap:4-6-8", fc="16-12", input_shape=(3, 32, 32), num_classes=3).double()
     rule = cf.rules.build("asap", model, num_classes=3, k=4, match=match)
     rule.step(*batch(model.input_shape))
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in rule.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in rule.trainable_parameters())
 
 
 def test_B_never_aliases_W_and_is_visible_state():
     model = tiny_cnn()
     rule = cf.rules.build("asap", model, num_classes=3)
-    trained = {id(p) for p in rule.parameters()}
+    trained = {id(p) for p in rule.trainable_parameters()}
     for layer in rule.layers:
         assert layer.feedback is not layer.weight
         assert layer.feedback.untyped_storage().data_ptr() != layer.weight.untyped_storage().data_ptr()
     assert all(id(layer.feedback) in trained for layer in rule.layers[1:])  # B trains (KP), beside W
-    opt = torch.optim.SGD(rule.parameters(), lr=0.1, weight_decay=0.1)
+    opt = torch.optim.SGD(rule.trainable_parameters(), lr=0.1, weight_decay=0.1)
     for _ in range(2):
         rule.step(*batch(model.input_shape))
         opt.step()
@@ -183,7 +184,7 @@ def test_period_longer_than_the_network_and_bad_options():
     model = tiny_mlp(unused_parameter=False)
     rule = cf.rules.build("asap", model, num_classes=3, k=10)
     rule.step(*batch(model.input_shape))
-    assert all(p.grad is not None for p in rule.parameters())
+    assert all(p.grad is not None for p in rule.trainable_parameters())
     with pytest.raises(ValueError, match="k must be a positive integer"):
         cf.rules.build("asap", tiny_mlp(), num_classes=3, k=0)
     with pytest.raises(ValueError, match="unknown match 4; available: 1 \\(max\\)"):

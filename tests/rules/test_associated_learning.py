@@ -16,7 +16,6 @@ from torch.nn import functional as F
 
 import creditflow as cf
 from creditflow.models.associated import AssociatedNet, fold
-from creditflow.rules.associated_learning import check_rule_model
 from creditflow.train import RunConfig, train
 from tests.reference import batch, tiny_associated, tiny_mlp
 
@@ -182,12 +181,12 @@ def test_param_groups_give_the_label_side_its_own_learning_rate():
     first, second = rule.param_groups(local_lr=0.5)
     label = {id(p) for c in net.components for p in [*c.g.parameters(), *c.h.parameters()]}
     assert {id(p) for p in second["params"]} == label and second["lr"] == 0.5
-    assert len(first["params"]) + len(second["params"]) == len(list(rule.parameters()))
+    assert len(first["params"]) + len(second["params"]) == len(list(rule.trainable_parameters()))
     assert "lr" not in rule.param_groups()[1]
 
 
 def test_bad_pairings_and_options_say_what_is_allowed():
-    with pytest.raises(ValueError, match=r"rule 'al' needs an associated-learning model \(al-mlp, .*al-vgg"):
+    with pytest.raises(ValueError, match=r"rule 'al' needs a folded \(associated-learning\) model, got BlockNet \(al-mlp, .*al-vgg"):
         cf.rules.build("al", tiny_mlp(), num_classes=3)
     with pytest.raises(ValueError, match="3 classes, the rule 4"):
         cf.rules.build("al", tiny_associated(), num_classes=4)
@@ -195,13 +194,12 @@ def test_bad_pairings_and_options_say_what_is_allowed():
         cf.rules.build("al", tiny_associated(), num_classes=3, ae_weight=-1)
     with pytest.raises(ValueError, match="unknown reduction 'max'; available: mean, sum"):
         cf.rules.build("al", tiny_associated(), num_classes=3, reduction="max")
-    with pytest.raises(ValueError, match="rule 'dfa' cannot train an associated-learning model; use rule 'al'"):
-        check_rule_model("dfa", tiny_associated())
-    with pytest.raises(ValueError, match="rule 'al' needs an associated-learning model"):
-        check_rule_model("al", tiny_mlp())
-    check_rule_model("bp", tiny_associated())  # end to end through the inference path
-    check_rule_model("dfa", tiny_mlp())
-    with pytest.raises(ValueError, match="rule 'fa' cannot train an associated-learning model"):
+    with pytest.raises(ValueError, match="rule 'dfa' cannot train a folded .associated-learning. model; use rule 'al'"):
+        cf.rules.build("dfa", tiny_associated(), num_classes=3)
+    with pytest.raises(ValueError, match="rule 'al' needs a folded .associated-learning. model"):
+        cf.rules.build("al", tiny_mlp(), num_classes=3)
+    cf.rules.build("bp", tiny_associated(), num_classes=3)  # end to end through the inference path
+    with pytest.raises(ValueError, match="rule 'fa' cannot train a folded .associated-learning. model"):
         cf.rules.build("fa", tiny_associated(), num_classes=3)  # the Python API refuses it too, not only the trainer
 
 
@@ -213,5 +211,5 @@ def test_al_trains_end_to_end_and_logs_each_components_losses(tmp_path):
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert {"assoc_loss/1", "assoc_loss/2", "ae_loss/1", "ae_loss/2"} <= row.keys()
     assert 0 <= row["test_acc"] <= 1
-    with pytest.raises(ValueError, match="cannot train an associated-learning model"):
+    with pytest.raises(ValueError, match="cannot train a folded .associated-learning. model"):
         train(cfg.model_copy(update={"rule": "dfa", "out": str(tmp_path / "dfa")}), progress=False)

@@ -98,16 +98,13 @@ def test_head_learns_as_in_bp_and_blocks_do_not():
 @pytest.mark.parametrize("rule_name", cf.rules.available())
 def test_every_rule_trains_a_resnet(rule_name, model_name):
     model = tiny_resnet(model_name)
-    if getattr(RULES.get(rule_name).builder, "mlp_only", False):  # DTP: fully connected models only
-        with pytest.raises(ValueError, match="needs an MLP"):
-            cf.rules.build(rule_name, model, num_classes=C)
-        return
-    if getattr(RULES.get(rule_name).builder, "model_type", None) is not None:  # AL: AssociatedNets only
-        with pytest.raises(ValueError, match="needs an associated-learning model"):
+    refusal = RULES.get(rule_name).builder.model_refusal(model)  # DTP: MLPs only; AL: folded nets only
+    if refusal:
+        with pytest.raises(ValueError, match=f"rule '{rule_name}' (needs an MLP|needs a folded)"):
             cf.rules.build(rule_name, model, num_classes=C)
         return
     rule = cf.rules.build(rule_name, model, num_classes=C)
-    params = list(rule.parameters())
+    params = list(rule.trainable_parameters())
     assert params
     out = rule.step(*batch())
     assert out.logits.shape == (4, C) and torch.isfinite(out.loss)

@@ -18,14 +18,14 @@ AL_MODELS = {"mlp": lambda: tiny_associated("mlp"), "cnn": lambda: tiny_associat
 
 
 def make_model(rule_name, model_name):
-    """The tiny model of that kind; a rule that names a ``model_type`` (AL) gets its tiny twin of that type."""
-    needs = getattr(RULES_REGISTRY.get(rule_name).builder, "model_type", None)
-    return (AL_MODELS if needs is not None else MODELS)[model_name]()
+    """The tiny model of that kind; a rule that needs a folded model (AL) gets its tiny twin of that type."""
+    needs = RULES_REGISTRY.get(rule_name).builder.needs_folded_model
+    return (AL_MODELS if needs else MODELS)[model_name]()
 
 
-def mlp_only(rule_name):
-    """Rules for fully connected models only (``mlp_only = True``, e.g. DTP) reject conv models."""
-    return getattr(RULES_REGISTRY.get(rule_name).builder, "mlp_only", False)
+def refusal(rule_name, model):
+    """Why the rule declares it cannot train ``model`` (DTP: fully connected models only), or None."""
+    return RULES_REGISTRY.get(rule_name).builder.model_refusal(model)
 
 
 def buffers_to_keep(rule):
@@ -41,12 +41,13 @@ def buffers_to_keep(rule):
 @pytest.mark.parametrize("rule_name", RULES)
 def test_rule_contract(rule_name, model_name):
     model = make_model(rule_name, model_name)
-    if model_name != "mlp" and mlp_only(rule_name):
+    if refusal(rule_name, model):
+        assert model_name != "mlp"  # every rule trains some model of this table
         with pytest.raises(ValueError, match="needs an MLP"):
             cf.rules.build(rule_name, model, num_classes=3)
         return
     rule = cf.rules.build(rule_name, model, num_classes=3)
-    params = list(rule.parameters())
+    params = list(rule.trainable_parameters())
     assert params and all(p.requires_grad for p in params)
     fixed = buffers_to_keep(rule)
     opt = torch.optim.SGD(params, lr=0.1)
@@ -88,10 +89,10 @@ def test_rules_work_on_a_users_own_sequential():
                                 torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()),
                                 torch.nn.Linear(8, 2))
     for name in RULES:
-        if getattr(RULES_REGISTRY.get(name).builder, "model_type", None) is not None:  # AL: its own models
-            with pytest.raises(ValueError, match="needs an associated-learning model"):
+        if RULES_REGISTRY.get(name).builder.needs_folded_model:  # AL: its own models
+            with pytest.raises(ValueError, match="needs a folded .associated-learning. model"):
                 cf.rules.build(name, copy.deepcopy(model), num_classes=2)
             continue
         rule = cf.rules.build(name, copy.deepcopy(model), num_classes=2)
         rule.step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
-        assert all(p.grad is not None for p in rule.parameters())
+        assert all(p.grad is not None for p in rule.trainable_parameters())

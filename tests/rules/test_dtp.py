@@ -161,8 +161,8 @@ def test_inverse_first_steps_the_inverses_before_forming_targets():
     late = cf.rules.build("dtp", copy.deepcopy(model), num_classes=3)
     early = cf.rules.build("dtp", model, num_classes=3, inverse_first=True, inverse_lr=0.1)
     early.inverse.load_state_dict(late.inverse.state_dict())
-    assert not any(p is q for p in early.parameters() for q in early.inverse.parameters())
-    assert len(list(late.parameters())) == len(list(early.parameters())) + 4
+    assert not any(p is q for p in early.trainable_parameters() for q in early.inverse.parameters())
+    assert len(late.trainable_parameters()) == len(early.trainable_parameters()) + 4
     torch.manual_seed(2)
     late.step(x, y)  # same noise: its inverse gradients are the ones the early rule steps with
     torch.manual_seed(2)
@@ -209,8 +209,8 @@ def test_bad_options_and_models_are_rejected():
         build(reduction="max")
     with pytest.raises(ValueError, match="bad options for rule 'dtp'"):
         build(eta=1)
-    with pytest.raises(ValueError, match="dtp needs an MLP: .* block 0 has Conv2d"):
+    with pytest.raises(ValueError, match="rule 'dtp' needs an MLP: .* got a Conv2d"):
         cf.rules.build("dtp", tiny_cnn(), num_classes=3)
     bn = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU()), nn.Linear(8, 2))
-    with pytest.raises(ValueError, match="block 0 has BatchNorm1d"):
+    with pytest.raises(ValueError, match="got a BatchNorm1d"):
         cf.rules.build("dtp", bn, num_classes=2)

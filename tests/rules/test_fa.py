@@ -37,9 +37,9 @@ def test_fa_feedback_is_fixed_and_not_trained():
     model = tiny_cnn()
     rule = cf.rules.build("fa", model, num_classes=3)
     before = [layer.feedback.clone() for layer in rule.layers]
-    trained = {id(p) for p in rule.parameters()}
+    trained = {id(p) for p in rule.trainable_parameters()}
     assert not any(id(layer.feedback) in trained for layer in rule.layers)
-    opt = torch.optim.SGD(rule.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    opt = torch.optim.SGD(rule.trainable_parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
     for _ in range(3):
         rule.step(*batch(model.input_shape))
         opt.step()

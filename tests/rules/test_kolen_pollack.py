@@ -90,7 +90,7 @@ def test_B_is_a_trained_parameter_in_its_own_group_with_the_state_dict_key_of_fa
     rule = cf.rules.build("kp", model, num_classes=3)
     Bs = [layer.feedback for layer in rule.layers]
     assert all(isinstance(B, torch.nn.Parameter) and B.requires_grad for B in Bs)
-    trained = {id(p) for p in rule.parameters()}
+    trained = {id(p) for p in rule.trainable_parameters()}
     assert all(id(B) in trained for B in Bs)
     assert [id(p) for p in rule.local_parameters()] == [id(B) for B in Bs]
     groups = rule.param_groups(local_lr=0.5)

@@ -75,7 +75,7 @@ def test_classifiers_are_fixed_buffers_and_never_used_for_inference():
     assert not rule.local_parameters()
     assert [m.weight.shape for m in rule.classifiers] == [(3, 3 * 4 * 4), (3, 4 * 2 * 2), (3, 5)]
     before = [m.weight.clone() for m in rule.classifiers]
-    opt = torch.optim.SGD(rule.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt = torch.optim.SGD(rule.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     for _ in range(2):
         rule.step(*batch(model.input_shape))
         opt.step()

@@ -214,7 +214,7 @@ def test_every_direct_rule_steps_on_a_non_sequential_model(rule_name, kind):
     model = make(kind)
     _, names = MODELS[kind]
     rule = cf.rules.build(rule_name, model, num_classes=C, blocks=names, input_shape=(3, 8, 8))
-    params = list(rule.parameters())
+    params = list(rule.trainable_parameters())
     opt = torch.optim.SGD(params, lr=0.1)
     for _ in range(2):
         out = rule.step(*batch())
@@ -289,7 +289,7 @@ def test_feedback_rules_swap_every_layer_of_a_non_sequential_model(rule_name, ki
     options = {"input_shape": (3, 8, 8)} if rule_name in ("as", "asap", "asfp") else {}
     rule = cf.rules.build(rule_name, model, num_classes=C, **options)
     assert not [m for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    params = list(rule.parameters())
+    params = list(rule.trainable_parameters())
     out = rule.step(*batch())
     assert torch.isfinite(out.loss)
     for p in params:
@@ -358,4 +358,4 @@ def test_asap_needs_layers_that_run_once_per_forward():
         cf.rules.build("asap", Twice(), num_classes=C, k=2, input_shape=(4,))
     rule = cf.rules.build("asap", Twice(), num_classes=C, k=1, input_shape=(4,))
     rule.step(torch.randn(3, 4), torch.randint(0, C, (3,)))
-    assert all(p.grad is not None for p in rule.parameters())
+    assert all(p.grad is not None for p in rule.trainable_parameters())

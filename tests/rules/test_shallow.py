@@ -12,9 +12,9 @@ def test_shallow_changes_exactly_the_last_two_layers():
     x, y = batch(model.input_shape)
     ref = bp_grads(copy.deepcopy(model), x, y)
     rule = cf.rules.build("shallow", model, num_classes=3)
-    trained = {n for n, p in model.named_parameters() if any(p is q for q in rule.parameters())}
+    trained = {n for n, p in model.named_parameters() if any(p is q for q in rule.trainable_parameters())}
     assert trained == {"2.1.weight", "2.1.bias", "3.weight", "3.bias"}
-    opt = torch.optim.Adam(rule.parameters(), lr=0.1)
+    opt = torch.optim.Adam(rule.trainable_parameters(), lr=0.1)
     rule.step(x, y)
     # The last two layers get exactly BP's gradient.
     for name in trained:

@@ -95,7 +95,7 @@ def test_frsf_keeps_its_magnitude_and_brsf_redraws_it_every_batch():
 @pytest.mark.parametrize("name", SIGN_RULES)
 def test_feedback_is_a_buffer_not_trained_and_listed_as_mutable(name):
     rule = cf.rules.build(name, tiny_mlp(), num_classes=3)
-    trained = {id(p) for p in rule.parameters()}
+    trained = {id(p) for p in rule.trainable_parameters()}
     assert not any(id(layer.feedback) in trained for layer in rule.layers)
     assert rule.mutable_buffers == ("feedback",)
     pairs = rule.feedback_pairs()

@@ -106,7 +106,7 @@ def test_wm_with_B_equal_to_W_is_bp_on_a_cnn(batch_norm):
 
 def test_feedback_is_a_mutable_buffer_not_trained():
     rule = cf.rules.build("wm", tiny_cnn(), num_classes=3)
-    trained = {id(p) for p in rule.parameters()}
+    trained = {id(p) for p in rule.trainable_parameters()}
     assert not any(id(layer.feedback) in trained for layer in rule.layers)
     assert rule.mutable_buffers == ("feedback",)
 

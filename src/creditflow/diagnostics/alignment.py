@@ -210,7 +210,7 @@ def measure(rule: nn.Module, x: Tensor, y: Tensor) -> Alignment:
 
     References: Yang, Lee & Park 2024, Fig. 4.
     """
-    params = list(nn.Module.parameters(rule))  # frozen ones too, unlike Rule.parameters()
+    params = list(rule.parameters())  # frozen ones too
     grads = [p.grad for p in params]
     for p in params:  # set aside for the copy: the twin needs no copy of the accumulated .grad
         p.grad = None

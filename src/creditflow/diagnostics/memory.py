@@ -52,8 +52,7 @@ def _state_storages(exclude: nn.Module | Iterable[Tensor] | None) -> set[tuple]:
     if exclude is None:
         return set()
     if isinstance(exclude, nn.Module):
-        # nn.Module.parameters, not exclude.parameters(): a Rule's override hides frozen tensors.
-        tensors: Iterable[Tensor] = itertools.chain(nn.Module.parameters(exclude), exclude.buffers())
+        tensors: Iterable[Tensor] = itertools.chain(exclude.parameters(), exclude.buffers())
     else:
         tensors = exclude
     return {_storage_key(t)[0] for t in tensors}

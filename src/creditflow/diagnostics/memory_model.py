@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..mechanisms.feedback import FeedbackConv2d, FeedbackLinear
+from ..mechanisms.feedback import FeedbackLayer, observe_weight_inputs
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, FeedbackLinear, FeedbackConv2d)
 
@@ -80,16 +80,18 @@ def weight_gradient_inputs(rule: nn.Module, x: torch.Tensor) -> int:
     model = rule.model
     seen: dict[int, int] = {}
 
-    def record(module, inputs, output):
-        override = getattr(module, "activation_override", None)
-        a = inputs[0] if override is None else override
-        key = a.untyped_storage().data_ptr()
-        seen[key] = max(seen.get(key, 0), a.numel())
+    def record(module, a):
+        if any(p.requires_grad for p in module.parameters()):
+            key = a.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), a.numel())
 
-    handles = [m.register_forward_hook(record) for m in model.modules()
-               if isinstance(m, WEIGHT_LAYERS) and any(p.requires_grad for p in m.parameters())]
+    # Feedback layers report what their weight gradient reads (a shared activation, under the rule's
+    # policy); plain layers (BP) read their input.
+    handles = [m.register_forward_hook(lambda m, inputs, out: record(m, inputs[0])) for m in model.modules()
+               if isinstance(m, WEIGHT_LAYERS) and not isinstance(m, FeedbackLayer)]
     try:
-        rule.step(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+        with observe_weight_inputs(record):
+            rule.step(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
     finally:
         for h in handles:
             h.remove()
@@ -100,7 +102,7 @@ def external_memory_access(rule: nn.Module, input_shape, batch_size: int = 1) ->
     """The thesis's access counts for one training step of ``rule`` on ``batch_size`` inputs."""
     params = sum(p.numel() for p in rule.model.parameters() if p.requires_grad)
     feedback = sum(m.feedback.numel() for m in rule.model.modules()
-                   if isinstance(m, (FeedbackLinear, FeedbackConv2d)) and m.feedback.requires_grad)
+                   if isinstance(m, FeedbackLayer) and m.feedback.requires_grad)
     p = next(rule.model.parameters())
     x = torch.zeros(batch_size, *input_shape, device=p.device, dtype=p.dtype)
     return MemoryAccess(params=params, activations=weight_gradient_inputs(rule, x), feedback_params=feedback)

@@ -51,6 +51,8 @@ class MaskReLU(nn.ReLU):
     ``inplace`` is ignored under autograd (the mask is all backward needs).
     """
 
+    _plain_class = nn.ReLU  # what plain_copy turns it back into
+
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or not x.requires_grad:
             return super().forward(x)
@@ -79,6 +81,8 @@ class _IndexMaxPoolFn(torch.autograd.Function):
 
 class IndexMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` whose backward keeps only the argmax positions (int32), not its input."""
+
+    _plain_class = nn.MaxPool2d  # what plain_copy turns it back into
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or not x.requires_grad or x.ndim != 4 or self.return_indices:
@@ -118,6 +122,8 @@ class CompactBatchNorm2d(nn.BatchNorm2d):
 
     Eval mode, or a norm without running statistics, is plain ``nn.BatchNorm2d``.
     """
+
+    _plain_class = nn.BatchNorm2d  # what plain_copy turns it back into
 
     def __init__(self, *args, saved_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -9,10 +9,11 @@ so BP is ``B = W`` and FA is a fixed random ``B``. Sign-symmetry, Kolen-Pollack,
 and activation sharing differ only in how ``B`` is made and updated and in which activation
 feeds ``grad_weight``: they reuse these layers and never subclass ``nn.Linear``/``nn.Conv2d``.
 ``B`` is a buffer; :func:`learn_feedback` makes it a Parameter, whose gradient is then the weight
-gradient itself (Kolen-Pollack). Activation sharing sets a layer's ``activation_override`` (the
-tensor saved for backward instead of the input), ``activation_map`` (applied to it in backward, so
-only the override is kept alive) and ``override_feeds_B_only`` (ASFP: the override feeds only B's
-gradient, W's comes from the layer's own input, which is then saved too). :func:`mirror_product` is the weight mirror's noise probe.
+gradient itself (Kolen-Pollack). Which activation a step's weight gradients read is not stored on
+the layers: a rule enters :func:`feedback_policy` around its forward (activation sharing, forward
+alignment), and each layer asks the policy when it runs. A converted layer stays what it was
+(``isinstance(layer, nn.Linear)`` holds); :func:`plain_copy` gives the plain network back.
+:func:`mirror_product` is the weight mirror's noise probe.
 
 Shape convention: ``B`` has the shape of ``W``. In the papers' column-vector notation the
 feedback matrix is ``B^T`` (``delta_h = B_paper delta_a``), so "B = W^T" there is ``B = W`` here.
@@ -23,7 +24,10 @@ References: PyTorch note "Extending torch.autograd"; Lillicrap et al. 2016 (FA).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -135,103 +139,159 @@ class Conv2dFeedbackFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_B, None, None, None, None, None, None, None
 
 
-class _FeedbackModule(nn.Module):
-    """What the feedback twins share: ``W``/``b`` of the replaced layer, the buffer ``B``, the
-    activation-sharing hooks and the forward. Subclasses give ``_fn`` (their Function), ``_fn_args``
-    and ``_plain`` (the layer's own forward, used when no gradient is recorded)."""
+@dataclass(frozen=True)
+class SavedActivation:
+    """What a feedback layer's weight gradient reads instead of its own input, for one forward."""
 
-    def __init__(self, layer: nn.Module, feedback: Tensor):
-        super().__init__()
-        self.weight, self.bias = layer.weight, layer.bias
-        self.register_buffer("feedback", feedback.detach().clone().contiguous())
-        self.activation_override: Tensor | None = None
-        #: maps ``activation_override`` to this layer's input shape, in backward (see the Functions)
-        self.activation_map: Callable[[Tensor], Tensor] | None = None
-        #: True: the override feeds only B's gradient (a trainable B); W's comes from the input
-        self.override_feeds_B_only = False
+    a: Tensor  # saved for backward in place of the input
+    #: applied to ``a`` in backward (matching it to the layer's input shape), so only ``a`` is kept alive
+    a_map: Callable[[Tensor], Tensor] | None = None
+    #: True (ASFP): ``a`` feeds only B's gradient; W's comes from the layer's input, which is saved too
+    feeds_B_only: bool = False
 
+
+class FeedbackPolicy:
+    """Per-step feedback behaviour: which activation each feedback layer's weight gradient reads.
+
+    A rule enters ``feedback_policy(policy)`` around its forward; every feedback layer that runs
+    asks ``policy.saved_activation(layer, x)`` (``x``: the layer's input) and saves what it gets
+    (None: its own input, as BP). Nothing is stored on the layers, so inference, copies of the
+    model and other rules never see a step's choice.
+    """
+
+    def saved_activation(self, layer: nn.Module, x: Tensor) -> SavedActivation | None:
+        return None
+
+
+class FixedActivations(FeedbackPolicy):
+    """Each listed layer's weight gradient reads a given tensor (``{id(layer): a}``, ``a`` shaped like its input)."""
+
+    def __init__(self, activations: dict[int, Tensor]):
+        self.activations = activations
+
+    def saved_activation(self, layer, x):
+        a = self.activations.get(id(layer))
+        return SavedActivation(a) if a is not None else None
+
+
+_POLICY: ContextVar[FeedbackPolicy | None] = ContextVar("creditflow_feedback_policy", default=None)
+_OBSERVERS: ContextVar[tuple[Callable[[nn.Module, Tensor], None], ...]] = ContextVar(
+    "creditflow_weight_input_observers", default=())
+
+
+def active_policy() -> FeedbackPolicy | None:
+    """The policy feedback layers read now (None outside a rule's forward)."""
+    return _POLICY.get()
+
+
+@contextmanager
+def feedback_policy(policy: FeedbackPolicy) -> Iterator[FeedbackPolicy]:
+    """Feedback layers that run inside read ``policy`` (see :class:`FeedbackPolicy`)."""
+    token = _POLICY.set(policy)
+    try:
+        yield policy
+    finally:
+        _POLICY.reset(token)
+
+
+@contextmanager
+def observe_weight_inputs(callback: Callable[[nn.Module, Tensor], None]) -> Iterator[None]:
+    """``callback(layer, a)`` for every feedback layer that runs inside: ``a`` is the tensor its weight
+    gradient will read (the memory model counts these)."""
+    token = _OBSERVERS.set((*_OBSERVERS.get(), callback))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
+
+
+class FeedbackLayer(nn.Module):
+    """Mixin of the feedback twins: the buffer ``B`` (``feedback``) and a forward through a Function.
+
+    A layer becomes its twin in place (:func:`attach_feedback`): its class changes to a subclass of
+    both this mixin and its own class, so it stays an ``nn.Linear``/``nn.Conv2d`` (``isinstance``
+    holds, its Parameters, hooks and state-dict keys ``weight``/``bias`` are untouched) and gains the
+    key ``feedback``. Without grad recording the layer's own forward runs.
+    """
+
+    feedback: Tensor
     _fn: type[torch.autograd.Function]
-    _fn_args: tuple = ()  # the Function's arguments after ``a`` (the conv geometry)
+    _plain_class: type[nn.Module]  # the class it had
 
-    def _plain(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    def _fn_args(self) -> tuple:
+        return ()  # the Function's arguments after ``a`` (the conv geometry)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
-            return self._plain(x)
-        if self.activation_override is None:
-            return self._fn.apply(x, self.weight, self.bias, self.feedback, x, *self._fn_args)
-        return self._fn.apply(x, self.weight, self.bias, self.feedback, self.activation_override,
-                              *self._fn_args, self.activation_map, self.override_feeds_B_only)
+            return super().forward(x)
+        policy = _POLICY.get()
+        saved = policy.saved_activation(self, x) if policy is not None else None
+        for observe in _OBSERVERS.get():
+            observe(self, x if saved is None else saved.a)
+        if saved is None:
+            return self._fn.apply(x, self.weight, self.bias, self.feedback, x, *self._fn_args())
+        return self._fn.apply(x, self.weight, self.bias, self.feedback, saved.a, *self._fn_args(), saved.a_map,
+                              saved.feeds_B_only)
 
 
-class FeedbackLinear(_FeedbackModule):
-    """A Linear layer's parameters plus a feedback buffer ``B`` used in its backward.
-
-    Holds the *same* ``weight``/``bias`` Parameters as the layer it replaces, so optimizers,
-    state dicts (keys ``weight``, ``bias``, ``feedback``) and inference see the original layer.
-    """
+class FeedbackLinear(FeedbackLayer, nn.Linear):
+    """An ``nn.Linear`` whose backward sends the error through ``B`` (keys ``weight``, ``bias``, ``feedback``)."""
 
     _fn = LinearFeedbackFn
 
-    def __init__(self, layer: nn.Linear, feedback: Tensor):
-        super().__init__(layer, feedback)
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-
-    def _plain(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
-
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, feedback=B"
+        return super().extra_repr() + ", feedback=B"
 
 
-class FeedbackConv2d(_FeedbackModule):
-    """A Conv2d layer's parameters plus a feedback kernel ``B`` used in its backward."""
+class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
+    """An ``nn.Conv2d`` whose backward sends the error through the kernel ``B``."""
 
     _fn = Conv2dFeedbackFn
 
-    def __init__(self, layer: nn.Conv2d, feedback: Tensor):
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise ValueError("feedback Conv2d supports numeric zero padding only; "
-                             f"got padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
-        super().__init__(layer, feedback)
-        self.conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
-
     @property
+    def conv(self) -> tuple:
+        return (self.stride, self.padding, self.dilation, self.groups)
+
     def _fn_args(self) -> tuple:
         return self.conv
 
-    def _plain(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, *self.conv)
-
     def extra_repr(self) -> str:
-        return f"weight={tuple(self.weight.shape)}, stride={self.conv[0]}, padding={self.conv[1]}, feedback=B"
+        return super().extra_repr() + ", feedback=B"
 
 
-FeedbackLayer = FeedbackLinear | FeedbackConv2d
+_TWINS: dict[type, type] = {nn.Linear: FeedbackLinear, nn.Conv2d: FeedbackConv2d}
+
+
+def _twin_class(cls: type) -> type:
+    """The feedback twin of ``cls`` (a subclass of both; a user's Linear subclass gets its own)."""
+    if cls not in _TWINS:
+        base = FeedbackLinear if issubclass(cls, nn.Linear) else FeedbackConv2d
+        _TWINS[cls] = type(f"Feedback{cls.__name__}", (base, cls), {"__module__": cls.__module__})
+    return _TWINS[cls]
+
+
+def make_feedback_layer(layer: nn.Module, feedback: Tensor) -> FeedbackLayer:
+    """Turn ``layer`` (an ``nn.Linear``/``nn.Conv2d``) into its feedback twin, in place; ``B`` is copied."""
+    if isinstance(layer, FeedbackLayer):
+        raise ValueError(f"{type(layer).__name__} already has feedback weights")
+    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+        raise ValueError("feedback Conv2d supports numeric zero padding only; "
+                         f"got padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
+    plain = type(layer)
+    layer.__class__ = _twin_class(plain)
+    layer._plain_class = plain
+    layer.register_buffer("feedback", feedback.detach().clone().contiguous())
+    return layer
 
 
 def attach_feedback(model: nn.Module, make_feedback: Callable[[nn.Module], Tensor]) -> list[FeedbackLayer]:
-    """Replace every ``nn.Linear``/``nn.Conv2d`` in ``model`` (in place) by its feedback twin.
+    """Turn every ``nn.Linear``/``nn.Conv2d`` in ``model`` (``model`` itself too) into its feedback twin, in place.
 
     ``make_feedback(layer)`` returns the initial ``B`` (shape of ``layer.weight``); it is copied,
-    so ``B`` never aliases ``W``. Returns the new layers in forward-definition order.
+    so ``B`` never aliases ``W``. Returns the layers in definition order.
     """
-    swapped: list[FeedbackLayer] = []
-
-    def visit(parent: nn.Module) -> None:
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                new: FeedbackLayer = FeedbackLinear(child, make_feedback(child))
-            elif isinstance(child, nn.Conv2d):
-                new = FeedbackConv2d(child, make_feedback(child))
-            else:
-                visit(child)
-                continue
-            setattr(parent, name, new)
-            swapped.append(new)
-
-    visit(model)
+    swapped = [make_feedback_layer(m, make_feedback(m)) for m in list(model.modules())
+               if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, FeedbackLayer)]
     if not swapped:
         raise ValueError("model has no nn.Linear or nn.Conv2d layer to give feedback weights")
     return swapped
@@ -295,11 +355,13 @@ def mirror_product(layer: FeedbackLayer, n: int, std: float) -> Tensor:
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every feedback layer turned back into ``nn.Linear``/``nn.Conv2d``.
+    """A deep copy of ``model`` as plain PyTorch layers: every feedback layer back to the class it had
+    (``B`` dropped), every compact activation module (``MaskReLU`` ...) back to its PyTorch class.
 
-    The copy's layers hold copies of the weights (``requires_grad`` as in ``model``) and back-propagate
-    with ``W``: plain BP on the same network, e.g. the reference of the alignment tool. ``model``
-    itself is untouched; gradients already in ``.grad`` are not copied.
+    The copy holds copies of the weights (``requires_grad`` as in ``model``) and back-propagates
+    with ``W``: plain BP on the same network (the alignment tool's reference), and its
+    ``state_dict`` loads strictly into a freshly built model. ``model`` itself is untouched;
+    gradients already in ``.grad`` are not copied.
     """
     grads = {p: p.grad for p in model.parameters()}
     for p in grads:  # deepcopy would copy every .grad too: memory the copy has no use for
@@ -309,28 +371,12 @@ def plain_copy(model: nn.Module) -> nn.Module:
     finally:
         for p, g in grads.items():
             p.grad = g
-
-    def visit(parent: nn.Module) -> None:
-        for name, child in parent.named_children():
-            if isinstance(child, FeedbackLinear):
-                plain: nn.Module = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                             device="meta")
-            elif isinstance(child, FeedbackConv2d):
-                out_c, in_per_group, *kernel = child.weight.shape
-                stride, padding, dilation, groups = child.conv
-                plain = nn.Conv2d(in_per_group * groups, out_c, tuple(kernel), stride, padding, dilation, groups,
-                                  bias=child.bias is not None, device="meta")
-            else:
-                visit(child)
-                continue
-            # The copy's Parameters move over as they are; the meta placeholders never allocate.
-            plain.weight, plain.bias = child.weight, child.bias
-            plain.train(child.training)
-            setattr(parent, name, plain)
-
-    if isinstance(twin, (FeedbackLinear, FeedbackConv2d)):  # a bare layer, not a container
-        holder = nn.Sequential(twin)
-        visit(holder)
-        return holder[0]
-    visit(twin)
+    for m in twin.modules():
+        plain = getattr(m, "_plain_class", None)
+        if plain is None:
+            continue
+        if isinstance(m, FeedbackLayer):
+            del m.feedback  # a buffer, or a Parameter (Kolen-Pollack)
+        m.__class__ = plain
+        m.__dict__.pop("_plain_class", None)  # set per layer by make_feedback_layer
     return twin

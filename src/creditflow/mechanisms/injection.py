@@ -258,11 +258,14 @@ class DirectFeedback(nn.Module):
         # narrow, not split: a multi-output view could not be written in place (B.copy_(...)).
         return [self.weight.narrow(1, a, n) for a, n in zip(starts, self.sizes)]
 
-    def forward(self, v: Tensor) -> list[Tensor]:
-        """``v``: (N, C) -> one signal per block, each (N, *shape_i)."""
-        s = v @ self.weight  # (N, n_1 + ... + n_k)
+    def forward(self, v: Tensor, blocks: range | None = None) -> list[Tensor]:
+        """``v``: (N, C) -> one signal per block of ``blocks`` (default: all), each (N, *shape_i)."""
+        blocks = range(len(self.sizes)) if blocks is None else blocks
+        start = sum(self.sizes[:blocks.start])
+        sizes, shapes = self.sizes[blocks.start:blocks.stop], self.shapes[blocks.start:blocks.stop]
+        s = v @ self.weight.narrow(1, start, sum(sizes))  # (N, n_a + ... + n_b): one matmul
         # Each part is a strided view; splitting its contiguous last dim needs no copy.
-        return [part.view(v.shape[0], *shape) for part, shape in zip(s.split(self.sizes, dim=1), self.shapes)]
+        return [part.view(v.shape[0], *shape) for part, shape in zip(s.split(sizes, dim=1), shapes)]
 
 
 FEEDBACK_INITS = ("random", "product")

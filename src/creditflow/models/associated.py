@@ -93,6 +93,9 @@ class AssociatedNet(nn.Module):
         num_classes: size of ``t_0`` (the one-hot label) and of the output.
     """
 
+    #: a folded network: rules read this, never the class (only 'al', and BP end to end, train one)
+    folded = True
+
     def __init__(self, components: Sequence[Component], input_shape: tuple[int, ...], num_classes: int):
         super().__init__()
         if not components:

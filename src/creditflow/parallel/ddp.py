@@ -104,8 +104,8 @@ class DataParallel:
     def prepare(self, rule: nn.Module) -> None:
         """Broadcast every parameter (frozen ones too) and buffer of ``rule`` from rank 0."""
         self.rule = rule
-        in_optimizer = {id(p) for p in rule.parameters()}  # Rule.parameters(): what the optimizer steps
-        everything = list(nn.Module.parameters(rule))
+        in_optimizer = {id(p) for p in rule.trainable_parameters()}
+        everything = list(rule.parameters())
         self._trained = [p for p in everything if id(p) in in_optimizer]
         # trained by the rule itself inside step (LTAS update_early, DTP inverse_first)
         self._self_trained = [p for p in everything if p.requires_grad and id(p) not in in_optimizer]

@@ -13,14 +13,15 @@ from torch import nn
 from ..registry import RULES
 from . import activation_sharing, associated_learning, bp, dfa, drtp, fa, forward_alignment, kolen_pollack, las, local_classifier, shallow, sign_symmetry, weight_mirror  # noqa: F401  (import is registration)
 from . import dtp  # noqa: F401
-from .associated_learning import check_rule_model
-from .base import DirectRule, Rule, StepResult
+from .base import DirectRule, Rule, StepResult, UnitRule
 
 
 def build(name: str, model: nn.Module, num_classes: int, **options) -> Rule:
     """Wrap ``model`` in the rule ``name``; options go to the rule's constructor."""
     entry = RULES.get(name)
-    check_rule_model(name, model)  # al <-> AssociatedNet; a clear error for any other pairing
+    refusal = entry.builder.model_refusal(model)
+    if refusal:
+        raise ValueError(f"rule {name!r} {refusal}")
     try:
         return entry.builder(model, num_classes, **options)
     except TypeError as err:
@@ -54,4 +55,4 @@ def available() -> list[str]:
     return RULES.available()
 
 
-__all__ = ["DirectRule", "Rule", "StepResult", "available", "build", "build_spec", "parse_spec"]
+__all__ = ["DirectRule", "Rule", "StepResult", "UnitRule", "available", "build", "build_spec", "parse_spec"]

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..mechanisms.compact import compact_activations
-from ..mechanisms.feedback import FeedbackConv2d, attach_feedback, kp_decay_, learn_feedback, random_like_init
+from ..mechanisms.feedback import (FeedbackConv2d, FeedbackPolicy, SavedActivation, attach_feedback, feedback_policy,
+                                   kp_decay_, learn_feedback, random_like_init)
 from ..mechanisms.local import LinearLocal, freeze
 from ..registry import register_rule
 from .base import placement, resolve_input_shape
@@ -130,31 +131,43 @@ class SharedActivations:
                 cols = source[0] if conv else source[-1] if len(target) > 1 else math.prod(source)
                 C = torch.randn(rows, cols, **placement(model)) / math.sqrt(cols)  # FA's fixed C
                 self.register_buffer(f"match{j}", C)
-        self._shared: dict[int, Tensor] = {}  # group -> h~_m, during a step only
         compact_activations(model, relu_mask=not self.shared_feeds_B_only, saved_norm=saved_norm)
 
-    def _share(self, j: int, layer: nn.Module, args) -> None:
-        g, is_source, shape, conv = self._plan[j]
-        if is_source:
-            self._shared[g] = args[0]  # h~_m: this group's input
-            return
-        h, method, C = self._shared[g], self.match, getattr(self, f"match{j}", None)
-        layer.activation_override = h  # saved for backward instead of the layer's own input
-        layer.activation_map = lambda a: match_activation(a, shape, method, C, conv)
-        layer.override_feeds_B_only = self.shared_feeds_B_only
+    def forward_context(self, x=None):
+        return feedback_policy(SharingPolicy(self))
 
-    def step(self, x, y):
-        hooks = [layer.register_forward_pre_hook(functools.partial(self._share, j))
-                 for j, layer in enumerate(self._sharing)]
-        try:
-            return super().step(x, y)
-        finally:  # inference and copies of the model see plain feedback layers again
-            for h in hooks:
-                h.remove()
-            for layer in self.layers:
-                layer.activation_override = layer.activation_map = None
-                layer.override_feeds_B_only = False
-            self._shared.clear()
+    def pipeline_cuts(self) -> set[int]:
+        """Direct bases (ASFP-LC): a stage may not end inside a sharing group, whose later layers read
+        the input of its first (one process holds the group, so ``h~_m`` never crosses a boundary)."""
+        cuts = super().pipeline_cuts()
+        unit_of = {id(m): i for i in range(self.num_units()) for u in self.unit_modules(i) for m in u.modules()}
+        units = [unit_of[id(layer)] for layer in self._sharing]
+        for j in range(0, len(units), self.k):
+            group = units[j:j + self.k]
+            cuts -= set(range(min(group) + 1, max(group) + 1))
+        return cuts
+
+
+class SharingPolicy(FeedbackPolicy):
+    """One step of activation sharing: the first layer of group ``m`` records its input ``h~_m``; every
+    other layer of the group saves ``h~_m`` for its weight gradient, matched to its input in backward."""
+
+    def __init__(self, rule: SharedActivations):
+        self.rule = rule
+        self.position = {id(layer): j for j, layer in enumerate(rule._sharing)}  # this copy's layers
+        self.shared: dict[int, Tensor] = {}  # group -> h~_m, for this forward only
+
+    def saved_activation(self, layer, x):
+        j = self.position.get(id(layer))
+        if j is None:  # the frozen first layer: its own input
+            return None
+        g, is_source, shape, conv = self.rule._plan[j]
+        if is_source:
+            self.shared[g] = x  # h~_m: this group's input
+            return None
+        method, C = self.rule.match, getattr(self.rule, f"match{j}", None)
+        return SavedActivation(self.shared[g], functools.partial(match_activation, shape=shape, method=method, C=C,
+                                                                  conv=conv), self.rule.shared_feeds_B_only)
 
 
 def _forward_order(model: nn.Module, layers, calls: list[int], k: int, rule: str) -> list[nn.Module]:
@@ -228,11 +241,11 @@ class AS(SharedActivations, FA):
 
     mutable_buffers = ("feedback",)  # B tracks W by design
 
-    def step(self, x, y):
+    def before_step(self):
+        super().before_step()
         with torch.no_grad():
             for layer in self.layers:
                 layer.feedback.copy_(layer.weight)
-        return super().step(x, y)
 
 
 @register_rule("asap", summary="activation sharing with asymmetric paths: shared h~ updates W and B alike (KP)",
@@ -296,15 +309,15 @@ class _LocalFA(LocalClassifier):
         self.classifier_feedback = nn.ModuleList(  # B_c: FA's fixed random twin of each classifier
             freeze(LinearLocal(A.shape, num_classes, A.pool)) for A in self.classifiers).to(**placement(model))
 
-    def signals(self, e, target, outputs):
+    def signals(self, e, target, outputs, blocks):
         # block i gets B_c^T e_i (FA through the classifier), e_i = dL_i/dz_i of its own classifier
+        part = slice(blocks.start, blocks.stop)
         return [Bc.feedback(self.local_error.error(A(h.detach()), target)[1])
-                for A, Bc, h in zip(self.classifiers, self.classifier_feedback, outputs)]
+                for A, Bc, h in zip(self.classifiers[part], self.classifier_feedback[part], outputs)]
 
-    def step(self, x, y):
-        out = super().step(x, y)
+    def after_step(self):
+        super().after_step()
         kp_decay_(self.layers, self.kp_decay)  # as kp: the same L2 decay on W and B
-        return out
 
 
 @register_rule("asfp-lc", summary="asfp inside blocks cut apart, each trained by its own local classifier (FA)",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from ..models.associated import REDUCTIONS, AssociatedNet
-from ..registry import MODELS, RULES, register_rule
-from .base import Rule, StepResult
-from .bp import BP
+from ..registry import MODELS, register_rule
+from ..mechanisms.modes import eval_mode
+from .base import UnitRule, UnitsRecord
 
 
 def al_models() -> str:
@@ -18,7 +19,7 @@ def al_models() -> str:
 
 @register_rule("al", summary="associated learning: folded components, each learns a local associated "
                "+ autoencoder loss", paper="Kao & Chen 2021")
-class AL(Rule):
+class AL(UnitRule):
     """Associated Learning (Kao & Chen 2021, Sec. 4, Fig. 4).
 
     Model: an :class:`~creditflow.models.associated.AssociatedNet` of components i = 1..L, each
@@ -45,8 +46,14 @@ class AL(Rule):
     Differences from the paper: none in the algorithm; see docs/rules.md for the choices it leaves open.
     """
 
-    #: the model class this rule trains (the trainer and the contract tests read it)
-    model_type = AssociatedNet
+    needs_folded_model = True
+    needs_output_error = False  # every component learns from its own two losses
+    prediction_runs_down = True  # y_hat comes back down through the decoders h_L .. h_1
+
+    @classmethod
+    def model_refusal(cls, model: nn.Module) -> str | None:
+        refusal = super().model_refusal(model)
+        return f"{refusal} ({al_models()})" if refusal else None
 
     def __init__(self, model: nn.Module, num_classes: int, assoc_weight: float = 1.0, ae_weight: float = 1.0,
                  reduction: str = "mean"):
@@ -64,23 +71,57 @@ class AL(Rule):
         self.assoc_weight, self.ae_weight, self.reduction = float(assoc_weight), float(ae_weight), reduction
         self._metrics: dict[str, Tensor] = {}
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
-        p = next(self.model.parameters())
-        s, t = x, F.one_hot(y, self.num_classes).to(p.dtype)  # s_0 = x, t_0 = onehot(y): (N, C)
+    # -- units: the components ---------------------------------------------------------------------
+
+    def num_units(self) -> int:
+        return len(self.model.components)
+
+    def unit_name(self, i: int) -> str:
+        return f"component {i + 1}"
+
+    def unit_modules(self, i: int) -> list[nn.Module]:
+        return [self.model.components[i]]
+
+    def first_inputs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return x, F.one_hot(y, self.num_classes).to(x.dtype)  # s_0 = x, t_0 = onehot(y): (N, C)
+
+    def forward_units(self, units, inputs, y):
+        s, t = inputs
         outs = []
-        for component in self.model.components:
-            out = component(s, t, self.reduction)  # cuts its inputs: the graph ends at the boundary
+        for i in units:
+            out = self.model.components[i](s, t, self.reduction)  # cuts its inputs: the graph ends at the boundary
             outs.append(out)
             s, t = out.s, out.t
-        assoc = torch.stack([o.assoc_loss for o in outs])  # (L,)
-        ae = torch.stack([o.ae_loss for o in outs])
+        # Units below the top decode this batch later (eq. 4.8), when their weights may have moved on:
+        # they keep the decoders' weights of this forward, so the prediction is the one-process one.
+        kept = None if units.stop == self.num_units() else [
+            {n: p.detach().clone() for n, p in self.model.components[i].h.named_parameters()} for i in units]
+        return UnitsRecord(units, y, outs, None, kept), (s.detach(), t.detach())
+
+    def backward_units(self, record, error):
+        assoc = torch.stack([o.assoc_loss for o in record.outputs])  # (units,)
+        ae = torch.stack([o.ae_loss for o in record.outputs])
         total = self.assoc_weight * assoc.sum() + self.ae_weight * ae.sum()
         total.backward()
-        with torch.no_grad():  # weights unchanged until the caller's optimizer steps: eq. 4.8 on this batch
-            logits = self.model.decode(outs[-1].bridge.detach())
-        self._metrics = {**{f"assoc_loss/{i}": v for i, v in enumerate(assoc.detach(), 1)},
-                         **{f"ae_loss/{i}": v for i, v in enumerate(ae.detach(), 1)}}
-        return StepResult(total.detach(), logits)
+        first = record.units.start + 1
+        self._metrics = {**{f"assoc_loss/{i}": v for i, v in enumerate(assoc.detach(), first)},
+                         **{f"ae_loss/{i}": v for i, v in enumerate(ae.detach(), first)}}
+        return total.detach()
+
+    def prediction(self, record, error):
+        """From ``b_L(s_L)`` down through this range's decoders (the weights are still the forward's)."""
+        if record.units.stop != self.num_units():
+            return None
+        with torch.no_grad():
+            return self.decode_units(record, record.outputs[-1].bridge.detach())
+
+    @torch.no_grad()
+    def decode_units(self, record, t: Tensor) -> Tensor:
+        """``h_a o ... o h_b (t)`` over the range's components, at the weights of the record's forward."""
+        for j in reversed(range(len(record.units))):
+            h = self.model.components[record.units[j]].h
+            t = h(t) if record.extra is None else functional_call(h, record.extra[j], (t,))
+        return t
 
     def step_metrics(self) -> dict[str, Tensor]:
         """``assoc_loss/i`` and ``ae_loss/i`` of the last step, unweighted, per component i = 1..L."""
@@ -100,27 +141,8 @@ class AL(Rule):
         ``h_i`` the decoded estimates of t_{i-1} (``h1``: the prediction). Eval mode, no grad;
         every module's mode is restored afterwards.
         """
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self.model.metafeatures(x)
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with eval_mode(self), torch.no_grad():
+            return self.model.metafeatures(x)
 
-
-def check_rule_model(rule_name: str, model: nn.Module) -> None:
-    """A rule with a ``model_type`` needs that model; an AssociatedNet trains with ``al`` or BP only.
-
-    BP trains an AssociatedNet end to end through its inference path (forward); every other rule
-    expects blocks or layers and would misread the folded network.
-    """
-    rule_cls = RULES.get(rule_name).builder
-    needed = getattr(rule_cls, "model_type", None)
-    if needed is not None and not isinstance(model, needed):
-        raise ValueError(f"rule {rule_name!r} needs an associated-learning model ({al_models()}), "
-                         f"got {type(model).__name__}")
-    if isinstance(model, AssociatedNet) and needed is None and rule_cls is not BP:
-        raise ValueError(f"rule {rule_name!r} cannot train an associated-learning model; use rule 'al' "
-                         "(or 'bp' end to end), or the matched BP model (mlp, vanilla-cnn, vgg, resnet20, resnet32)")
+    def inference_model(self) -> nn.Module:
+        return self.model.inference_model()

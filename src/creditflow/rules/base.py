@@ -4,23 +4,59 @@ A rule wraps a model, may own extra tensors (feedback matrices, local modules), 
 every trainable tensor through ``parameters()`` so any ``torch.optim`` optimizer, scheduler,
 AMP or DDP works unchanged. ``step(x, y)`` runs the forward pass and fills ``.grad``; the
 caller steps the optimizer. Inference is the plain model: ``rule.model(x)``.
+
+The step is written once, as parts (see docs/design.md, "One owner for every update"):
+
+- hooks: :meth:`Rule.before_step` (``B`` re-made from ``W``), :meth:`Rule.forward_context`
+  (what feedback layers read in this forward: a shared activation), :meth:`Rule.after_step`
+  (on the filled ``.grad``: Kolen-Pollack's decay; after it: a mirror phase, a redraw);
+- units (the rules without backward locking): :meth:`Rule.forward_units` runs a contiguous
+  range of units on cut inputs, :meth:`Rule.backward_units` fills ``.grad`` of that range from
+  its signal or local loss. ``step`` runs all units as one range; a pipeline stage runs its own
+  range with the same two calls, so a rule cannot behave differently in a stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, ContextManager, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..mechanisms import (BoundaryCut, Segment, block_output_shapes, downstream_product, get_loss, inject,
                           run_cut)
+from ..mechanisms.modes import eval_mode
 
 
 class StepResult(NamedTuple):
     loss: Tensor  # scalar, detached; read it with .item() outside the hot path
     logits: Tensor  # (N, C), detached
+
+
+class OutputError(NamedTuple):
+    """What the last unit sends every unit that waits for it: ``e = dL/dlogits`` and the logits."""
+
+    loss: Tensor  # scalar, detached
+    e: Tensor  # (N, C)
+    logits: Tensor  # (N, C), detached
+
+
+class UnitsRecord(NamedTuple):
+    """What :meth:`Rule.forward_units` keeps of a batch until :meth:`Rule.backward_units`."""
+
+    units: range
+    y: Tensor  # (N,) class indices
+    outputs: list[Any]  # per unit in ``units``: its output with graph (a block's h_i; an AL component's losses)
+    logits: Tensor | None  # with graph, when ``units`` holds the last unit
+    #: anything else the rule keeps (AL: the decoders' weights, to decode this batch later)
+    extra: Any = None
+
+
+#: why a rule with backward locking cannot be split over processes
+BACKWARD_LOCKED = ("its layers are backward-locked: each waits for the error of the layer above, so a stage "
+                   "could not update before every later stage had; use --parallel ddp")
 
 
 class Rule(nn.Module):
@@ -33,10 +69,11 @@ class Rule(nn.Module):
         loss: ``"cross-entropy"`` (softmax) or ``"mse"`` (on one-hot targets).
     """
 
-    #: a rule that can update blocks before the output exists (DRTP, LTAS) sets this
-    needs_target_early = False
     #: buffers the rule itself rewrites (sign-symmetric feedback tracks W); all others stay fixed
     mutable_buffers: tuple[str, ...] = ()
+    #: a folded network (Associated Learning's) is trained by its own rule or end to end by BP only
+    trains_folded_models = False
+    needs_folded_model = False
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy"):
         super().__init__()
@@ -44,12 +81,40 @@ class Rule(nn.Module):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.model = model
         self.num_classes = num_classes
-        self.loss_name = loss
         self.loss = get_loss(loss)
 
-    def parameters(self, recurse: bool = True):
-        """Every tensor this rule trains: model and rule-owned, frozen ones left out."""
-        return (p for p in super().parameters(recurse) if p.requires_grad)
+    # -- what the rule accepts ----------------------------------------------------------------
+
+    @classmethod
+    def model_refusal(cls, model: nn.Module) -> str | None:
+        """Why this rule cannot train ``model`` (None: it can). ``rules.build`` raises it as one line."""
+        folded = bool(getattr(model, "folded", False))
+        if cls.needs_folded_model and not folded:
+            return f"needs a folded (associated-learning) model, got {type(model).__name__}"
+        if folded and not (cls.needs_folded_model or cls.trains_folded_models):
+            return ("cannot train a folded (associated-learning) model; use rule 'al' (or 'bp' end to end), or "
+                    "the matched BP model (mlp, vanilla-cnn, vgg, resnet20, resnet32)")
+        return None
+
+    def pipeline_refusal(self) -> str | None:
+        """Why this rule cannot be split into pipeline stages (None: it can, at :meth:`pipeline_cuts`)."""
+        return BACKWARD_LOCKED
+
+    # -- the optimizer's view -------------------------------------------------------------------
+
+    # ``parameters()`` is nn.Module's own: every tensor, frozen ones too, so ``requires_grad_`` and
+    # ``state_dict`` behave as on any module. It is safe to hand to an optimizer: a tensor the
+    # rule must not have stepped (frozen, or trained by the rule itself) never gets a ``.grad``,
+    # and torch.optim skips those. ``param_groups`` lists only what the optimizer steps.
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the caller's optimizer steps: tensors that need grad, less :meth:`self_trained`."""
+        own = {id(p) for p in self.self_trained()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+
+    def self_trained(self) -> list[nn.Parameter]:
+        """Tensors the rule updates itself inside ``step`` (LTAS ``update_early``), outside the optimizer."""
+        return []
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -57,7 +122,7 @@ class Rule(nn.Module):
     def local_parameters(self) -> list[nn.Parameter]:
         """Trainable tensors the rule owns beside the model (local modules, learned feedback)."""
         in_model = {id(p) for p in self.model.parameters()}
-        return [p for p in self.parameters() if id(p) not in in_model]
+        return [p for p in self.trainable_parameters() if id(p) not in in_model]
 
     def param_groups(self, local_lr: float | None = None) -> list[dict]:
         """Optimizer groups: the model, then the rule's own tensors (with their own lr if given).
@@ -65,10 +130,23 @@ class Rule(nn.Module):
         ``torch.optim.Adam(rule.param_groups(local_lr=1e-3), lr=1e-4)``
         """
         in_local = {id(p) for p in self.local_parameters()}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in in_local]}]
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in in_local]}]
         if in_local:
             groups.append({"params": self.local_parameters(), **({"lr": local_lr} if local_lr else {})})
         return groups
+
+    def plain_model(self) -> nn.Module:
+        """A copy of the trained network as plain PyTorch layers (``nn.Linear``, ``nn.Conv2d``, ``nn.ReLU``
+        ...): its ``state_dict`` loads strictly into a freshly built model. The rule is untouched."""
+        from ..mechanisms.feedback import plain_copy
+
+        return plain_copy(self.inference_model())
+
+    def inference_model(self) -> nn.Module:
+        """The network that predicts (``rule.model``; Associated Learning: its inference path)."""
+        return self.model
+
+    # -- diagnostics ------------------------------------------------------------------------------
 
     def feedback_pairs(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{name: (B, reference)}`` for every feedback matrix this rule uses in place of BP's.
@@ -94,33 +172,41 @@ class Rule(nn.Module):
         for an ``nn.Sequential`` model, the output of each child (block): ``block0 .. block{k-1}``,
         then ``head`` (the logits); children with names of their own keep them. A model with its
         own ``representations(x)`` method is asked instead; any other model gives ``{"output": logits}``.
-        A rule whose features live elsewhere (Associated Learning's metafeatures) overrides this.
         Used by ``creditflow.diagnostics.representations`` (class distances, t-SNE).
         """
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            with torch.no_grad():
-                if callable(getattr(self.model, "representations", None)):
-                    return self.model.representations(x)
-                children = list(self.model.named_children())
-                if not isinstance(self.model, nn.Sequential) or not children:
-                    return {"output": self.model(x)}  # children of other modules need not run in order
-                out, h = {}, x
-                for i, (name, child) in enumerate(children):
-                    h = child(h)
-                    if name.isdigit():  # nn.Sequential's own names "0", "1", ...
-                        name = "head" if i == len(children) - 1 else f"block{i}"
-                    out[name] = h
-                return out
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with eval_mode(self), torch.no_grad():
+            if callable(getattr(self.model, "representations", None)):
+                return self.model.representations(x)
+            children = list(self.model.named_children())
+            if not isinstance(self.model, nn.Sequential) or not children:
+                return {"output": self.model(x)}  # children of other modules need not run in order
+            out, h = {}, x
+            for i, (name, child) in enumerate(children):
+                h = child(h)
+                if name.isdigit():  # nn.Sequential's own names "0", "1", ...
+                    name = "head" if i == len(children) - 1 else f"block{i}"
+                out[name] = h
+            return out
+
+    # -- the step, as parts ---------------------------------------------------------------------
+
+    def before_step(self) -> None:
+        """Before the forward: feedback re-made from the current weights (AS, sign symmetry)."""
+
+    def forward_context(self, x: Tensor | None = None) -> ContextManager:
+        """Entered around the forward: what this step's feedback layers read (a shared activation)."""
+        return contextlib.nullcontext()
+
+    def after_step(self) -> None:
+        """After ``.grad`` is filled, before the optimizer: KP decay; a mirror phase; a redraw."""
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
-        logits = self.model(x)
+        self.before_step()
+        with self.forward_context(x):
+            logits = self.model(x)
         loss = self.loss.value(logits, y)
         loss.backward()
+        self.after_step()
         return StepResult(loss.detach(), logits.detach())
 
 
@@ -130,17 +216,84 @@ def placement(model: nn.Module) -> dict:
     return {"device": p.device, "dtype": p.dtype} if p is not None else {}
 
 
-class DirectRule(Rule):
+class UnitRule(Rule):
+    """A rule without backward locking: its network is a chain of units, each trained from what
+    it gets at its own boundary. Subclasses give the units' forward and backward on a range.
+
+    ``step`` is the whole chain as one range; :mod:`creditflow.parallel.pipeline` runs ranges on
+    separate processes with the same calls.
+    """
+
+    #: False where units train from their own inputs and the target alone (no output error)
+    needs_output_error = True
+    #: True where the prediction is formed on the way back down the units (AL's decoders)
+    prediction_runs_down = False
+
+    def pipeline_refusal(self) -> str | None:
+        return None
+
+    def num_units(self) -> int:
+        raise NotImplementedError
+
+    def unit_name(self, i: int) -> str:
+        return f"unit {i}"
+
+    def pipeline_cuts(self) -> set[int]:
+        """Unit boundaries where a stage may end (``i``: between unit i-1 and unit i)."""
+        return set(range(1, self.num_units()))
+
+    def first_inputs(self, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        return (x,)
+
+    def forward_units(self, units: range, inputs: Sequence[Tensor], y: Tensor) -> tuple[UnitsRecord, tuple[Tensor, ...]]:
+        """Run ``units`` on ``inputs`` (cut from the graph); return the record and what the next unit reads."""
+        raise NotImplementedError
+
+    def waits_for_error(self, units: range) -> bool:
+        """Do these units need this batch's :class:`OutputError` before they can update?"""
+        return self.needs_output_error
+
+    def output_error(self, record: UnitsRecord) -> OutputError | None:
+        """On the range holding the last unit: the loss and ``e`` sent to the units that wait for it."""
+        return None
+
+    def backward_units(self, record: UnitsRecord, error: OutputError | None) -> Tensor | None:
+        """Fill ``.grad`` of the range's tensors; return the range's part of ``StepResult.loss`` (or None)."""
+        raise NotImplementedError
+
+    def prediction(self, record: UnitsRecord, error: OutputError | None) -> Tensor | None:
+        """The step's logits (N, C), detached, on the range holding the last unit."""
+        return error.logits if error is not None else None
+
+    def decode_units(self, record: UnitsRecord, t: Tensor) -> Tensor:
+        """``prediction_runs_down`` rules: carry the prediction down through the range's units."""
+        raise NotImplementedError
+
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        self.before_step()
+        units = range(self.num_units())
+        with self.forward_context(x):
+            record, _ = self.forward_units(units, self.first_inputs(x, y), y)
+        error = self.output_error(record)
+        part = self.backward_units(record, error)
+        loss = error.loss if error is not None else part
+        logits = self.prediction(record, error)
+        self.after_step()
+        return StepResult(loss, logits)
+
+
+class DirectRule(UnitRule):
     """Direct credit paths: blocks are cut apart and each hidden block gets a signal at its output.
 
     The last ``top_blocks`` blocks (1: the head alone) form the top, trained with the true
-    gradient of the loss; every block below it receives ``signals(e, y, outputs)[i]`` and
+    gradient of the loss; every block below it receives ``signals(e, y, outputs, blocks)[i]`` and
     back-propagates it inside itself only. Subclasses say only how signals are made.
 
-    Blocks: an ``nn.Sequential``'s children (the last one the head), or, for any model,
-    ``blocks=["stem", "layer1", ...]``: the names of the modules whose *outputs* end a block. The
-    model's own forward then runs unchanged, cut by forward hooks at those outputs
-    (:class:`~creditflow.mechanisms.BoundaryCut`); the head is everything after the last name.
+    Units: each hidden block, then the top. Blocks: an ``nn.Sequential``'s children (the last one
+    the head), or, for any model, ``blocks=["stem", "layer1", ...]``: the names of the modules
+    whose *outputs* end a block. The model's own forward then runs unchanged, cut by forward hooks
+    at those outputs (:class:`~creditflow.mechanisms.BoundaryCut`); the head is everything after
+    the last name (such a rule runs in one process only: its forward cannot be split).
     """
 
     top_blocks = 1
@@ -182,10 +335,87 @@ class DirectRule(Rule):
         self._hidden = tuple(Segment(n, model, ps) for n, ps in zip(names[:split], probe.parameters))
         self._top = None  # the model's own forward after the last cut
 
+    # -- units ----------------------------------------------------------------------------------
+
+    def pipeline_refusal(self) -> str | None:
+        if self._cut is not None:
+            return ("it was built with blocks=[names]: it runs the model's own forward, which cannot be cut "
+                    "across processes; use an nn.Sequential of blocks")
+        return None
+
+    def num_units(self) -> int:
+        return len(self._hidden) + 1
+
+    def unit_name(self, i: int) -> str:
+        return "top" if i == len(self._hidden) else f"block {i}"
+
+    def unit_modules(self, i: int) -> list[nn.Module]:
+        """The model's modules unit ``i`` runs (the top: its blocks)."""
+        if i < len(self._hidden):
+            return [self._hidden[i]]
+        return list(self._top) if isinstance(self._top, nn.Sequential) else [self._top]
+
     def hidden_output_shapes(self) -> list[torch.Size]:
         if self._cut is not None:
             return list(self._cut_shapes)
         return block_output_shapes(self._hidden, self.input_shape)
+
+    def forward_units(self, units, inputs, y):
+        (h,) = inputs
+        blocks = range(units.start, min(units.stop, len(self._hidden)))
+        if self._cut is not None:
+            if units != range(self.num_units()):
+                raise ValueError(self.pipeline_refusal())
+            logits, outputs = self._cut(h)  # the model's own forward, cut by hooks at the named outputs
+            return UnitsRecord(units, y, outputs, logits), ()
+        outputs = run_cut([self._hidden[i] for i in blocks], h)  # h_i, each block's input detached
+        if units.stop <= len(self._hidden):
+            return UnitsRecord(units, y, outputs, None), (outputs[-1].detach(),)
+        logits = self._top(outputs[-1].detach() if outputs else h.detach())
+        return UnitsRecord(units, y, outputs, logits), ()
+
+    def waits_for_error(self, units: range) -> bool:
+        return self.signals_need_output and units.start < len(self._hidden)
+
+    def output_error(self, record):
+        if record.logits is None:
+            return None
+        loss, e = self.loss.error(record.logits, record.y)  # e = dL/dlogits: (N, C), no graph
+        return OutputError(loss, e, record.logits.detach())
+
+    def backward_units(self, record, error):
+        blocks = range(record.units.start, record.units.start + len(record.outputs))
+        y, outputs = record.y, record.outputs
+        e = error.e if error is not None else None
+        logits = error.logits if error is not None else None
+        if e is None and outputs:  # rules whose signals need no output may still read e's shape and dtype
+            e = torch.zeros((), dtype=outputs[0].dtype, device=y.device).expand(len(y), self.num_classes)
+        with torch.no_grad():
+            signals = self.signals(e, y, outputs, blocks) if outputs else []
+        local = self.local_loss(outputs, logits, y, blocks) if outputs else None
+        roots, grads = list(outputs), list(signals)
+        if record.logits is not None:
+            roots.insert(0, record.logits)
+            grads.insert(0, e)
+        if local is not None:
+            roots.append(local)
+            grads.append(torch.ones_like(local))
+        # One backward: the blocks from their signals, the top from e, local modules from their loss.
+        inject(roots, grads)
+        return None
+
+    # -- what subclasses say ----------------------------------------------------------------------
+
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[Tensor | None]:
+        """One signal per output of hidden blocks ``blocks`` (``outputs[j]`` is block ``blocks[j]``'s
+        ``h``), each the shape of its output, or None for no update."""
+        raise NotImplementedError
+
+    def local_loss(self, outputs: list[Tensor], logits: Tensor | None, target: Tensor, blocks: range) -> Tensor | None:
+        """A loss on rule-owned modules fed with the detached outputs of ``blocks`` (LAS/LTAS), or None."""
+        return None
+
+    # -- diagnostics ------------------------------------------------------------------------------
 
     def feedback_matrices(self) -> list[Tensor]:
         """The (C, n_i) matrix each hidden block's signal is made with, if the rule has one."""
@@ -210,31 +440,10 @@ class DirectRule(Rule):
         blocks = list(self.model.children())
         return [downstream_product(blocks[i + 1:]) for i in range(len(self._hidden))]
 
-    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor | None]:
-        """One signal per hidden block output (shape of ``outputs[i]``), or None for no update."""
-        raise NotImplementedError
-
-    def local_loss(self, outputs: list[Tensor], logits: Tensor, target: Tensor) -> Tensor | None:
-        """A loss on rule-owned modules fed with detached block outputs (LAS/LTAS), or None."""
-        return None
-
     def forward_cut(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """``(logits, [h_1 .. h_k])``: one forward with every hidden block's input detached."""
-        if self._cut is not None:
-            return self._cut(x)  # the model's own forward, cut by hooks at the named outputs
-        outputs = run_cut(self._hidden, x)
-        return self._top(outputs[-1].detach() if outputs else x), outputs
-
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
-        logits, outputs = self.forward_cut(x)  # h_1 .. h_k, each block's input detached
-        loss, e = self.loss.error(logits, y)  # e = dL/dlogits: (N, C), no graph
-        with torch.no_grad():
-            signals = self.signals(e, y, outputs)
-        local = self.local_loss(outputs, logits, y)
-        extra = [(local, torch.ones_like(local))] if local is not None else []
-        # One backward: the model's blocks from their signals, local modules from their own loss.
-        inject([logits, *outputs, *(t for t, _ in extra)], [e, *signals, *(g for _, g in extra)])
-        return StepResult(loss, logits.detach())
+        record, _ = self.forward_units(range(self.num_units()), (x,), torch.empty(0))
+        return record.logits, record.outputs
 
 
 def resolve_input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:

@@ -12,3 +12,5 @@ class BP(Rule):
     1. Forward through the whole model.
     2. ``loss.backward()``: every layer gets ``W^T delta`` from the layer above.
     """
+
+    trains_folded_models = True  # an associated-learning net end to end, through its inference path

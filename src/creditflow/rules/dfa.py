@@ -44,5 +44,5 @@ class DFA(DirectRule):
     def feedback_matrices(self) -> list[Tensor]:
         return self.feedback.matrices
 
-    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor]:
-        return self.feedback(e)
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[Tensor]:
+        return self.feedback(e, blocks)

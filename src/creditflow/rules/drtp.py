@@ -23,8 +23,7 @@ class DRTP(DFA):
     sign does not change the rule.) Options as DFA.
     """
 
-    needs_target_early = True
     signals_need_output = False  # B_i y* needs no output: a pipeline stage never waits
 
-    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor]:
-        return self.feedback(F.one_hot(target, e.shape[1]).to(e.dtype).div_(-len(target)))
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[Tensor]:
+        return self.feedback(F.one_hot(target, e.shape[1]).to(e.dtype).div_(-len(target)), blocks)

@@ -73,10 +73,6 @@ class DTP(Rule):
     (AL paper), Table 2.
     """
 
-    #: fully connected blocks only (inverses of conv blocks would need another design; AL paper, Table 2
-    #: note); any other model is a ValueError. Read by the tests that run every rule on conv nets.
-    mlp_only = True
-
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  target_lr: float = 0.327, noise: float = 0.36, inverse_activation: str = "tanh",
                  reduction: str = "mean", inverse_first: bool = False, inverse_lr: float = 1e-3):
@@ -107,9 +103,22 @@ class DTP(Rule):
         self.targets: list[Tensor] = []  # ĥ_1..ĥ_k of the last step, detached
         self._metrics: dict[str, Tensor] = {}
 
-    def parameters(self, recurse: bool = True):
-        own = {id(p) for p in self.inverse.parameters()} if self.inverse_first else set()
-        return (p for p in super().parameters(recurse) if id(p) not in own)
+    @classmethod
+    def model_refusal(cls, model: nn.Module) -> str | None:
+        """Fully connected blocks only: inverses of conv blocks would need another design (AL paper, Table 2)."""
+        refusal = super().model_refusal(model)
+        if refusal:
+            return refusal
+        blocks = list(model.children()) if isinstance(model, nn.Sequential) else []
+        bad = next((m for b in blocks[:-1] for m in b.modules() if not isinstance(m, MLP_PARTS)), None)
+        if len(blocks) < 2 or bad is not None:
+            what = f"a {type(bad).__name__}" if bad is not None else f"a {type(model).__name__} of {len(blocks)} blocks"
+            return (f"needs an MLP: an nn.Sequential of hidden blocks of [Flatten,] Linear and an element-wise "
+                    f"activation, then a head (e.g. mlp:784-256-256-10); got {what}")
+        return None
+
+    def self_trained(self) -> list[nn.Parameter]:
+        return list(self.inverse.parameters()) if self.inverse_first else []
 
     def _reduce(self, sq: Tensor) -> Tensor:
         return sq.mean() if self.reduction == "mean" else sq.sum()  # sq: (N,) squared norms

@@ -7,8 +7,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..mechanisms import attach_feedback, random_like_init
+from ..mechanisms.feedback import FixedActivations, feedback_policy
 from ..registry import register_rule
-from .base import Rule, StepResult
+from .base import Rule
 
 
 @register_rule("foa", summary="forward alignment: exact errors, weight gradients from a fixed random forward path C",
@@ -90,13 +91,13 @@ class ForwardAlignment(Rule):
         # The thesis (Fig. 3.2) measures the angle between W and the fixed forward weight C.
         return {f"layer{i}": (C, layer.weight.detach()) for i, (C, layer) in enumerate(zip(self.C, self.layers))}
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
+    def before_step(self):
+        super().before_step()
         self.tie_feedback()
+
+    def forward_context(self, x: Tensor | None = None):
+        if x is None:
+            raise ValueError("forward alignment reads the network input: forward_context(x)")
         approx = self.approximate_activations(x)  # h~_{l-1}: like each layer's input
-        for layer, h in zip(self.layers, approx):
-            layer.activation_override = h
-        try:
-            return super().step(x, y)  # exact forward and errors; grad W = delta h~^T
-        finally:
-            for layer in self.layers:
-                layer.activation_override = None
+        # exact forward and errors; grad W = delta h~^T
+        return feedback_policy(FixedActivations(dict(zip(map(id, self.layers), approx))))

@@ -48,7 +48,6 @@ class KolenPollack(FA):
     def local_parameters(self) -> list[nn.Parameter]:
         return [layer.feedback for layer in self.layers if layer.feedback.requires_grad]
 
-    def step(self, x, y):
-        out = super().step(x, y)
+    def after_step(self):
+        super().after_step()
         kp_decay_(self.layers, self.kp_decay)  # L2 decay, the same on W and B
-        return out

@@ -58,8 +58,8 @@ class LAS(DirectRule):
                 with torch.no_grad():
                     module.weight.copy_(product)
 
-    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor]:
-        return [module.feedback(e) for module in self.local]
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[Tensor]:
+        return [module.feedback(e) for module in self.local[blocks.start:blocks.stop]]
 
     def local_target(self, logits: Tensor, target: Tensor):
         return logits.detach()  # a_L
@@ -67,11 +67,11 @@ class LAS(DirectRule):
     def local_objective(self, y_i: Tensor, goal) -> Tensor:
         return (y_i - goal).pow(2).sum(-1).mean()  # ||y_i - a_L||^2
 
-    def local_loss(self, outputs: list[Tensor], logits: Tensor, target: Tensor) -> Tensor | None:
+    def local_loss(self, outputs: list[Tensor], logits: Tensor | None, target: Tensor, blocks: range) -> Tensor | None:
         if not outputs:
             return None
         goal = self.local_target(logits, target)
-        return sum(self.local_objective(m(h.detach()), goal) for m, h in zip(self.local, outputs))
+        return sum(self.local_objective(m(h.detach()), goal) for m, h in zip(self.local[blocks.start:blocks.stop], outputs))
 
     def feedback_matrices(self) -> list[Tensor]:
         return [m.weight.detach() for m in self.local]
@@ -90,8 +90,6 @@ class LTAS(LAS):
     By default the modules step with the caller's optimizer, as in LAS.
     """
 
-    needs_target_early = True
-
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  feedback_init: str = "random", local_kernel_size: int | None = None,
                  update_early: bool = False, local_lr: float = 1e-3, blocks=None):
@@ -100,9 +98,8 @@ class LTAS(LAS):
             raise ValueError(f"local_lr must be > 0 with update_early, got {local_lr}")
         self.update_early, self.local_lr = update_early, local_lr
 
-    def parameters(self, recurse: bool = True):
-        own = {id(p) for p in self.local.parameters()} if self.update_early else set()
-        return (p for p in super().parameters(recurse) if id(p) not in own)
+    def self_trained(self) -> list[nn.Parameter]:
+        return list(self.local.parameters()) if self.update_early else []
 
     def local_target(self, logits: Tensor, target: Tensor):
         return target
@@ -110,15 +107,15 @@ class LTAS(LAS):
     def local_objective(self, y_i: Tensor, goal) -> Tensor:
         return F.cross_entropy(y_i, goal)
 
-    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor]:
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[Tensor]:
         if self.update_early and outputs:
             with torch.enable_grad():  # the step computes signals under no_grad
-                params = list(self.local.parameters())
+                params = [p for m in self.local[blocks.start:blocks.stop] for p in m.parameters()]
                 # LTAS's local target is y*, so the (not yet used) logits are not needed here.
-                grads = torch.autograd.grad(super().local_loss(outputs, None, target), params)
+                grads = torch.autograd.grad(super().local_loss(outputs, None, target, blocks), params)
             for p, g in zip(params, grads):
                 p.add_(g, alpha=-self.local_lr)
-        return super().signals(e, target, outputs)
+        return super().signals(e, target, outputs, blocks)
 
-    def local_loss(self, outputs: list[Tensor], logits: Tensor, target: Tensor) -> Tensor | None:
-        return None if self.update_early else super().local_loss(outputs, logits, target)
+    def local_loss(self, outputs: list[Tensor], logits: Tensor | None, target: Tensor, blocks: range) -> Tensor | None:
+        return None if self.update_early else super().local_loss(outputs, logits, target, blocks)

@@ -58,11 +58,13 @@ class LocalClassifier(DirectRule):
             for module in self.classifiers:
                 freeze(module)
 
-    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[Tensor]:
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[Tensor]:
         # dL_i/dh_i in closed form: the classifier is linear in h_i (no autograd call).
-        return [A.feedback(self.local_error.error(A(h.detach()), target)[1]) for A, h in zip(self.classifiers, outputs)]
+        return [A.feedback(self.local_error.error(A(h.detach()), target)[1])
+                for A, h in zip(self.classifiers[blocks.start:blocks.stop], outputs)]
 
-    def local_loss(self, outputs: list[Tensor], logits: Tensor, target: Tensor) -> Tensor | None:
+    def local_loss(self, outputs: list[Tensor], logits: Tensor | None, target: Tensor, blocks: range) -> Tensor | None:
         if not (self.learn_classifier and outputs):
             return None
-        return sum(self.local_error.value(A(h.detach()), target) for A, h in zip(self.classifiers, outputs))
+        return sum(self.local_error.value(A(h.detach()), target)
+                   for A, h in zip(self.classifiers[blocks.start:blocks.stop], outputs))

@@ -28,5 +28,5 @@ class Shallow(DirectRule):
         for block in self._hidden:
             block.requires_grad_(False)
 
-    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor]) -> list[None]:
+    def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[None]:
         return [None] * len(outputs)

@@ -41,9 +41,9 @@ class SignSymmetry(FA):
         for layer in self.layers:
             layer.feedback.copysign_(layer.weight)  # |B| ∘ sign(W), in place
 
-    def step(self, x, y):
+    def before_step(self):
+        super().before_step()
         self.follow_sign()  # the signs of the weights this step differentiates
-        return super().step(x, y)
 
 
 @register_rule("frsf", summary="sign symmetry, fixed random magnitude: B = |M| sign(W), M drawn once",
@@ -80,10 +80,9 @@ class BRSF(SignSymmetry):
     is drawn (global RNG) after the step's backward: the forward's dropout sees BP's random state.
     """
 
-    def step(self, x, y):
-        out = super().step(x, y)
+    def after_step(self):
+        super().after_step()
         with torch.no_grad():
             for layer in self.layers:
                 layer.feedback.copy_(random_like_init(layer, self.feedback_scale))
         self.follow_sign()  # B stays sign-concordant between steps (what alignment tools read)
-        return out

@@ -61,12 +61,11 @@ class WeightMirror(FA):
         for layer in self.layers:
             layer.feedback.mul_(1 - self.decay).add_(mirror_product(layer, self.n, self.sigma), alpha=self.eta)
 
-    def step(self, x, y):
-        out = super().step(x, y)
+    def after_step(self):
+        super().after_step()
         self.steps += 1
         if self.steps % self.every == 0:
             self.mirror()
-        return out
 
     def get_extra_state(self):
         return {"steps": self.steps}
