@@ -23,7 +23,7 @@ from torch import nn
 
 from ..mechanisms.feedback import FeedbackLayer, observe_weight_inputs
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, FeedbackLinear, FeedbackConv2d)
+WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)  # feedback layers are these too
 
 
 @dataclass(frozen=True)
