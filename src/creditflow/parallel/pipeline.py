@@ -52,8 +52,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .launch import launch, worker_device
-from ..rules.associated_learning import AL
-from .stages import BALANCES, ALStage, DirectStage, Plan, Stage, make_plan, make_stage
+from ..rules.base import OutputError
+from .stages import BALANCES, Plan, Stage, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -209,16 +209,17 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
 
     def run_epoch(self, steps: int, batches: Iterator[tuple[Tensor, Tensor]] | None, warmup: int = 0) -> EpochStats:
-        stage, links = self.stage, self.links
-        self.stage.train()
-        dev = getattr(stage, "device", torch.device("cpu"))
+        stage, links, rule = self.stage, self.links, self.stage.rule
+        stage.train()
+        dev = stage.device
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), dtype=torch.long, device=dev)
         metric_sums: dict[str, Tensor] = {}
         seen, busy, wait, losses = 0, 0.0, 0.0, []
-        queue: deque = deque()  # records waiting for their error (direct rules that need it)
-        decode_queue: deque = deque()  # AL records waiting for the decoded estimate from above
+        queue: deque = deque()  # (record, stash) waiting for their output error
+        decode_queue: deque = deque()  # records waiting for the prediction from the stage above
         decode_lag = stage.num_stages - 1 - stage.index
+        runs_down = rule.prediction_runs_down
         start = start_timed = time.time()
         for k in range(steps):
             if k == warmup and k:
@@ -228,54 +229,52 @@ class Runner:
             t0 = self._now()
             if stage.is_first:
                 x, y = next(batches)
-                inputs = stage.first_inputs(x, y) if isinstance(stage, ALStage) else [x]
+                inputs = rule.first_inputs(x, y)
             else:
                 inputs, y = links.recv_forward(prefetch=k + 1 < steps)
             t1 = self._now()
             wait += t1 - t0
             waited_before = wait
-            record, send = stage.forward(inputs, y, stash=self.lag > 0)
+            record, pairs, send = stage.forward(inputs, y, stash=self.lag > 0)
             if not stage.is_last:
                 links.send_forward(k, y, send)
-            step_loss = None
-            if isinstance(stage, ALStage):
-                step_loss = stage.update(record)
-                self._step()
-                for name, v in stage.metrics.items():
-                    metric_sums[name] = metric_sums.get(name, 0) + v.float()
-                if stage.is_last:
-                    correct += self._decoded(record.decoders, y)
-                else:  # the batch the stage above decoded d steps ago, at the weights of its forward
-                    links.post_decode()
-                    decode_queue.append(record)
-                    if len(decode_queue) > decode_lag:
-                        wait += self._decode_oldest(decode_queue, correct)
-            elif stage.is_last:
-                step_loss, e = stage.output_error(record)
-                logits = record.logits.detach()
-                if links.receivers:
-                    links.send_errors(e, logits)
-                stage.update(record, e, logits)
-                self._step()
-                correct += (logits.argmax(-1) == y).sum()
+            step_loss = torch.zeros((), device=dev)
+            if stage.is_last:
+                error = rule.output_error(record)
+                if error is not None:
+                    step_loss = step_loss + error.loss
+                    if links.receivers:
+                        links.send_errors(error.e, error.logits)
+                prediction = rule.prediction(record, error)  # before the optimizer moves the decoders
+                part = self._update(record, pairs, error, metric_sums)
+                if not runs_down or stage.is_first:
+                    correct += (prediction.argmax(-1) == y).sum()
+                else:
+                    links.send_decode(prediction)
             elif not stage.needs_output:
-                stage.update(record, None, None)
-                self._step()
+                part = self._update(record, pairs, None, metric_sums)
             else:
+                part = None
                 links.post_error()
-                queue.append(record)
+                queue.append((record, pairs))
                 if len(queue) > self.lag:
-                    wait += self._update_oldest(queue)
-            if step_loss is not None:
-                loss_sum += step_loss * len(y)
-                if self.record_losses:
-                    losses.append(float(step_loss))
+                    wait += self._update_oldest(queue, metric_sums)
+            if part is not None:
+                step_loss = step_loss + part
+            if runs_down and not stage.is_last:  # the batch the stage above decoded d steps ago
+                links.post_decode()
+                decode_queue.append(record)
+                if len(decode_queue) > decode_lag:
+                    wait += self._decode_oldest(decode_queue, correct)
+            loss_sum += step_loss * len(y)
+            if self.record_losses:
+                losses.append(float(step_loss))
             seen += len(y)
             self.global_step += 1
             busy += self._now() - t1 - (wait - waited_before)  # waits for errors/decodes are not work
         while queue:  # flush: the last d batches' updates
             t1 = self._now()
-            w = self._update_oldest(queue)
+            w = self._update_oldest(queue, metric_sums)
             wait += w
             busy += self._now() - t1 - w
         while decode_queue:
@@ -287,33 +286,37 @@ class Runner:
         if self.cuda:
             torch.cuda.synchronize()
         end = time.time()
-        counts = stage.is_last if isinstance(stage, DirectStage) else stage.is_first  # who sees the prediction
+        counts = stage.is_first if runs_down else stage.is_last  # who sees the prediction
         return EpochStats(loss_sum.item(), int(correct.item()) if counts else None, seen, steps,
                           {n: float(v) for n, v in metric_sums.items()}, start, start_timed, end, busy, wait,
                           losses)
 
-    def _decoded(self, t: Tensor, y: Tensor) -> Tensor:
-        """AL: pass the decoded estimate down, or on stage 0 count correct predictions."""
-        if self.stage.is_first:
-            return (t.argmax(-1) == y).sum()
-        self.links.send_decode(t)
-        return torch.zeros((), dtype=torch.long, device=y.device)
+    def _update(self, record, pairs, error, metric_sums) -> Tensor | None:
+        part = self.stage.update(record, pairs, error)
+        self._step()
+        for name, v in self.stage.rule.step_metrics().items():
+            metric_sums[name] = metric_sums.get(name, 0) + v.float()
+        return part
 
     def _decode_oldest(self, queue: deque, correct: Tensor) -> float:
         record = queue.popleft()
         t0 = self._now()
         t = self.links.take_decode(len(record.y))
         waited = self._now() - t0
-        correct += self._decoded(self.stage.decode(t, record), record.y)
+        t = self.stage.rule.decode_units(record, t)
+        if self.stage.is_first:
+            correct += (t.argmax(-1) == record.y).sum()
+        else:
+            self.links.send_decode(t)
         return waited
 
-    def _update_oldest(self, queue: deque) -> float:
-        record = queue.popleft()
+    def _update_oldest(self, queue: deque, metric_sums) -> float:
+        record, pairs = queue.popleft()
         t0 = self._now()
         e, logits = self.links.take_error(len(record.y))
         waited = self._now() - t0
-        self.stage.update(record, e, logits)
-        self._step()
+        # the loss stays on the last stage: this stage's error message carries e and the logits only
+        self._update(record, pairs, OutputError(e.new_zeros(()), e, logits), metric_sums)
         return waited
 
 
@@ -342,16 +345,13 @@ def broadcast(obj, group, src: int = 0):
 
 
 def error_receivers(rule, plan: Plan) -> list[int]:
-    from ..rules.base import DirectRule
-
-    if isinstance(rule, DirectRule) and rule.signals_need_output:
-        return list(range(len(plan.stages) - 1))
-    return []
+    """The stages that wait for the last stage's output error."""
+    return [s for s, r in enumerate(plan.stages[:-1]) if rule.waits_for_error(r)]
 
 
 def setup_stage(rule, plan: Plan, rank: int, device: torch.device, groups: Groups,
                 batch_size: int) -> tuple[Stage, Links]:
-    stage = make_stage(rule, plan, rank).to(device)
+    stage = Stage(rule, plan, rank).to(device)
     dtype = next(rule.model.parameters()).dtype
     links = Links(stage, plan, batch_size, rule.num_classes, dtype, device, groups.errors,
                   error_receivers(rule, plan))
@@ -446,10 +446,7 @@ def _fit_worker(rank, world, rule, batches, optimizer, local_lr, stages, schedul
     if rank != 0:
         return None
     states, all_stats = zip(*reports)
-    if isinstance(stage, ALStage):  # every stage's local losses make the step's loss
-        losses = [sum(v) for v in zip(*(s.losses for s in all_stats))]
-    else:
-        losses = all_stats[-1].losses
+    losses = [sum(v) for v in zip(*(s.losses for s in all_stats))]  # each stage's part of the step's loss
     seconds = max(s.end for s in all_stats) - all_stats[0].start_timed
     timed = sum(len(y) for _, y in batches[warmup:])
     return pack({"state": merge_states(base, states), "losses": losses, "plan": [list(r) for r in plan.stages],
@@ -478,14 +475,12 @@ def train_pipeline(cfg, *, resume: bool = False, progress: bool = True, balance:
     if balance not in BALANCES:
         raise ValueError(f"unknown balance {balance!r}; available: {', '.join(BALANCES)}")
     from ..registry import RULES
-    from ..rules.base import DirectRule
+    from ..rules.base import BACKWARD_LOCKED, UnitRule
     from ..train.loop import resolve_device
 
-    builder = RULES.get(cfg.rule).builder
-    if not (isinstance(builder, type) and issubclass(builder, (DirectRule, AL))):
-        raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: it has backward locking (every layer waits for the "
-                         "layers above); the pipeline runs direct rules (dfa, drtp, las, ltas, local, shallow) and "
-                         "al; use --parallel ddp")
+    if not issubclass(RULES.get(cfg.rule).builder, UnitRule):
+        able = ", ".join(n for n in RULES.available() if issubclass(RULES.get(n).builder, UnitRule))
+        raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: {BACKWARD_LOCKED}; the pipeline runs {able}")
     device = resolve_device(cfg.device).type
     args = (cfg.model_dump(mode="json"), resume, progress, balance, step_hook, profile)
     return launch(_train_worker, cfg.stages, args, backend=cfg.backend, device=device, timeout_s=timeout_s,
@@ -640,7 +635,7 @@ def _train_worker(rank, world, cfg_json, resume, progress, balance, step_hook, p
 def _inputs_for(rule, parts: Sequence[range]) -> list[list[tuple[int, ...]]]:
     from .stages import probe_inputs
 
-    probes = probe_inputs(rule)
+    probes, _ = probe_inputs(rule)
     return [[tuple(t.shape[1:]) for t in probes[r.start]] for r in parts]
 
 

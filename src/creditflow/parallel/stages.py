@@ -1,70 +1,78 @@
-"""Pipeline stages: a rule's blocks (or AL components) cut into contiguous groups, one per process.
+"""Pipeline stages: a rule's units cut into contiguous groups, one per process.
 
-A *unit* is the smallest piece a stage can hold: for a direct rule (DFA, DRTP, LAS, LTAS, local
-classifiers, Shallow) each hidden block, then the top (the last ``top_blocks`` blocks, which learn
-from the true output gradient) as one unit; for Associated Learning each component. Units are split
-into S contiguous stages by :func:`partition`, balanced on a per-unit cost (parameter count, or
-measured forward + backward time).
+A *unit* is what the rule says it is (:class:`~creditflow.rules.base.UnitRule`): a direct rule's
+hidden blocks and its top, Associated Learning's components. Units are split into S contiguous
+stages by :func:`partition`, at the boundaries the rule allows (``rule.pipeline_cuts()``), balanced
+on a per-unit cost (parameter count, or measured step time).
 
 Every process builds the *whole* rule from the same seed (so every stage starts from the weights
-the single-process trainer would have), then keeps a :class:`Stage` over its own units:
-
-- :class:`DirectStage`: its hidden blocks (run with cut inputs, as ``DirectRule.step``), the top
-  on the last stage, and a *restricted view* of the rule whose per-block parts (the ``B_i`` columns
-  of a :class:`~creditflow.mechanisms.DirectFeedback`, the entries of a per-block ``ModuleList``
-  such as LAS's local modules or the local classifiers) are this stage's only, so
-  ``view.signals(e, y, outputs)`` and ``view.local_loss`` are the rule's own code on the stage's
-  blocks.
-- :class:`ALStage`: its components; ``Component.forward`` already cuts its inputs.
-
-The stage trains the tensors it owns with its own optimizer over ``rule.param_groups`` restricted
-to them; :meth:`Stage.owned_state` names them as in the whole rule's ``state_dict``, so rank 0 can
-gather one checkpoint that loads into the single-process rule.
+the single-process trainer would have), then keeps a :class:`Stage` over its own units. A stage
+runs the rule's own parts on its range (``forward_units``, ``output_error``, ``backward_units``,
+``prediction``, ``decode_units``, ``before_step``/``after_step``): nothing of a rule's update is
+written here, so a rule cannot behave differently in a stage.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
-from ..mechanisms import DirectFeedback, inject, run_cut
-from ..rules.associated_learning import AL
-from ..rules.base import DirectRule, Rule
+from ..mechanisms.modes import eval_mode
+from ..rules.base import OutputError, Rule, UnitRule, UnitsRecord
 
 BALANCES = ("params", "time")
 
 
-def pipeline_units(rule: Rule) -> list[list[nn.Module]]:
-    """The modules of each unit, in forward order (see the module docstring)."""
-    if isinstance(rule, AL):
-        return [[c] for c in rule.model.components]
-    if isinstance(rule, DirectRule):
-        if getattr(rule, "_cut", None) is not None:
-            raise ValueError("the pipeline splits nn.Sequential models only; a rule built with blocks=[names] "
-                             "runs the model's own forward, which cannot be cut across processes")
-        blocks = list(rule.model.children())
-        split = len(rule._hidden)
-        return [[b] for b in blocks[:split]] + [blocks[split:]]
-    raise ValueError(f"rule {type(rule).__name__} cannot be pipelined: it has backward locking (every layer waits for "
-                     "the layers above); the pipeline runs direct rules (dfa, drtp, las, ltas, local, shallow) and al; "
-                     "use --parallel ddp for the others")
+def check_pipelinable(rule: Rule, stages: int | None = None, name: str | None = None) -> None:
+    """One-line ValueError if ``rule`` cannot run as a pipeline (of ``stages`` stages)."""
+    name = name or type(rule).__name__
+    refusal = rule.pipeline_refusal()
+    if refusal:
+        from ..registry import RULES
+
+        able = [n for n in RULES.available() if issubclass(RULES.get(n).builder, UnitRule)]
+        raise ValueError(f"rule {name!r} cannot be pipelined: {refusal}; the pipeline runs {', '.join(able)}")
+    if stages is not None:
+        most = len(rule.pipeline_cuts()) + 1
+        if not 1 <= stages <= most:
+            raise ValueError(f"rule {name!r} on this model splits into at most {most} pipeline stages "
+                             f"({rule.num_units()} units, cuts allowed at {sorted(rule.pipeline_cuts()) or 'none'}); "
+                             f"use --stages 1..{most}")
 
 
-def partition(costs: Sequence[float], stages: int) -> list[range]:
+def unit_owned(rule: UnitRule) -> list[list[nn.Module]]:
+    """The modules each unit trains and keeps; every trainable tensor of the rule must be in one."""
+    owned = [rule.unit_modules(i) for i in range(rule.num_units())]
+    where: dict[int, int] = {}
+    for i, mods in enumerate(owned):
+        for m in mods:
+            for p in m.parameters():
+                if where.setdefault(id(p), i) != i:
+                    raise ValueError(f"cannot split rule {type(rule).__name__} into pipeline stages: a tensor is "
+                                     f"trained by units {where[id(p)]} and {i}")
+    names = [n for n, p in rule.named_parameters() if p.requires_grad and id(p) not in where]
+    if names:
+        raise ValueError(f"cannot split rule {type(rule).__name__} into pipeline stages: {names[0]!r} belongs to no "
+                         "unit (UnitRule.unit_modules)")
+    return owned
+
+
+def partition(costs: Sequence[float], stages: int, cuts: set[int] | None = None) -> list[range]:
     """Contiguous split of units into ``stages`` non-empty groups minimising the largest group cost.
 
-    Exact dynamic programme (O(S n^2), n units); ties keep earlier groups small.
+    ``cuts``: the boundaries allowed (``i``: between unit i-1 and i; default all). Exact dynamic
+    programme (O(S n^2), n units); ties keep earlier groups small.
     """
     n = len(costs)
-    if not 1 <= stages <= n:
-        raise ValueError(f"cannot split {n} pipeline units into {stages} stages; use --stages 1..{n}")
+    cuts = set(range(1, n)) if cuts is None else set(cuts)
+    if not 1 <= stages <= min(n, len(cuts) + 1):
+        raise ValueError(f"cannot split {n} pipeline units into {stages} stages; use --stages 1..{len(cuts) + 1}")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
@@ -74,7 +82,11 @@ def partition(costs: Sequence[float], stages: int) -> list[range]:
     best[0][0] = 0.0
     for s in range(1, stages + 1):
         for i in range(s, n + 1):
+            if i < n and i not in cuts:
+                continue  # a stage may not end here
             for j in range(s - 1, i):
+                if j and j not in cuts:
+                    continue
                 v = max(best[s - 1][j], prefix[i] - prefix[j])
                 if v < best[s][i] - 1e-12 * max(1.0, abs(v)):
                     best[s][i], cut[s][i] = v, j
@@ -86,53 +98,32 @@ def partition(costs: Sequence[float], stages: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def unit_costs(rule: Rule, balance: str, batch_size: int = 64, repeats: int = 3,
+def unit_costs(rule: UnitRule, balance: str, batch_size: int = 64, repeats: int = 3,
                device: torch.device | str | None = None) -> list[float]:
-    """Per-unit cost: ``"params"`` (trainable parameter count, with the rule's per-block modules) or
-    ``"time"`` (median forward + backward seconds on a zero batch of ``batch_size``, on a copy of the
-    rule on ``device`` if given)."""
+    """Per-unit cost: ``"params"`` (trainable parameter count, the rule's per-unit modules included) or
+    ``"time"`` (median seconds of the unit's forward and backward on a zero batch of ``batch_size``,
+    on a copy of the rule on ``device`` if given)."""
     if balance not in BALANCES:
         raise ValueError(f"unknown balance {balance!r}; available: {', '.join(BALANCES)}")
-    units = pipeline_units(rule)
     if balance == "params":
-        def count(mods):
-            return float(sum(p.numel() for m in mods for p in m.parameters() if p.requires_grad))
-        costs = [count(unit) for unit in units]
-        for mods in per_block_modules(rule):  # LAS's local modules, learned local classifiers
-            for i, m in enumerate(mods):
-                costs[i] += count([m])
-        return costs
+        return [float(sum(p.numel() for m in mods for p in m.parameters() if p.requires_grad))
+                for mods in unit_owned(rule)]
     if device is not None and torch.device(device) != next(rule.model.parameters()).device:
         rule = copy.deepcopy(rule).to(device)
-        units = pipeline_units(rule)
-    return _timed_costs(rule, units, batch_size, repeats)
-
-
-def per_block_modules(rule: Rule) -> list[nn.ModuleList]:
-    if not isinstance(rule, DirectRule):
-        return []
-    k = len(rule._hidden)
-    return [m for name, m in rule.named_children()
-            if isinstance(m, nn.ModuleList) and len(m) == k and name not in ("model", "_top")]
-
-
-def _timed_costs(rule: Rule, units, batch_size: int, repeats: int) -> list[float]:
+    inputs, y = probe_inputs(rule, batch_size)
     p = next(rule.model.parameters())
-    inputs = probe_inputs(rule, batch_size)
     costs = []
-    for i, unit in enumerate(units):
+    for i in range(rule.num_units()):
+        units = range(i, i + 1)
         times = []
         for _ in range(repeats + 1):  # the first run warms up
             start = time.perf_counter()
-            if isinstance(rule, AL):
-                s, t = inputs[i]
-                out = unit[0](s, t, rule.reduction)
-                (out.assoc_loss + out.ae_loss).backward()
-            else:
-                h = inputs[i][0]
-                for m in unit:
-                    h = m(h.detach() if h is inputs[i][0] else h)
-                h.backward(torch.randn_like(h))
+            record, _ = rule.forward_units(units, inputs[i], y)
+            error = rule.output_error(record)
+            if error is None and rule.waits_for_error(units):
+                e = torch.randn(len(y), rule.num_classes, dtype=p.dtype, device=p.device)
+                error = OutputError(e.sum(), e, torch.zeros_like(e))
+            rule.backward_units(record, error)
             if p.device.type == "cuda":
                 torch.cuda.synchronize(p.device)
             times.append(time.perf_counter() - start)
@@ -142,31 +133,17 @@ def _timed_costs(rule: Rule, units, batch_size: int, repeats: int) -> list[float
 
 
 @torch.no_grad()
-def probe_inputs(rule: Rule, batch: int = 2) -> list[tuple[Tensor, ...]]:
-    """The input tensors of every unit for a zero batch (eval mode; modes restored): shapes and dtypes."""
+def probe_inputs(rule: UnitRule, batch: int = 2) -> tuple[list[tuple[Tensor, ...]], Tensor]:
+    """The inputs of every unit for a zero batch (eval mode, modes restored), and its labels."""
     p = next(rule.model.parameters())
-    modes = [(m, m.training) for m in rule.modules()]
-    rule.eval()
-    try:
-        if isinstance(rule, AL):
-            s = torch.zeros(batch, *rule.model.input_shape, device=p.device, dtype=p.dtype)
-            t = torch.zeros(batch, rule.num_classes, device=p.device, dtype=p.dtype)
-            out = []
-            for c in rule.model.components:
-                out.append((s, t))
-                o = c(s, t, rule.reduction)
-                s, t = o.s, o.t
-            return out
-        h = torch.zeros(batch, *rule.input_shape, device=p.device, dtype=p.dtype)
-        out = []
-        for unit in pipeline_units(rule):
-            out.append((h,))
-            for m in unit:
-                h = m(h)
-        return out
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    shape = getattr(rule, "input_shape", None) or rule.model.input_shape
+    x = torch.zeros(batch, *shape, device=p.device, dtype=p.dtype)
+    y = torch.zeros(batch, dtype=torch.long, device=p.device)
+    inputs = [rule.first_inputs(x, y)]
+    with eval_mode(rule):
+        for i in range(rule.num_units() - 1):
+            inputs.append(rule.forward_units(range(i, i + 1), inputs[-1], y)[1])
+    return inputs, y
 
 
 class Plan(NamedTuple):
@@ -175,86 +152,47 @@ class Plan(NamedTuple):
     stages: list[range]  # unit indices per stage
     costs: list[float]  # per unit
     balance: str
-    #: per stage s > 0: per-sample shape of each tensor stage s receives (h; or s and t for AL)
+    #: per stage: per-sample shape of each tensor it receives (its first unit's inputs)
     inputs: list[list[tuple[int, ...]]]
 
-    def describe(self, rule: Rule) -> list[str]:
-        kind = "component" if isinstance(rule, AL) else "block"
-        n = len(self.costs)
-        lines = []
-        for s, r in enumerate(self.stages):
-            names = [f"{kind} {i}" if isinstance(rule, AL) or i < n - 1 else "top" for i in r]
-            lines.append(f"stage {s}: {', '.join(names)} (cost {sum(self.costs[i] for i in r):.3g} {self.balance})")
-        return lines
+    def describe(self, rule: UnitRule) -> list[str]:
+        return [f"stage {s}: {', '.join(rule.unit_name(i) for i in r)} "
+                f"(cost {sum(self.costs[i] for i in r):.3g} {self.balance})" for s, r in enumerate(self.stages)]
 
 
-def make_plan(rule: Rule, stages: int, balance: str = "params", batch_size: int = 64,
-              device: torch.device | str | None = None) -> Plan:
-    """Split ``rule`` into ``stages`` (see :func:`unit_costs` for ``balance``)."""
+def make_plan(rule: UnitRule, stages: int, balance: str = "params", batch_size: int = 64,
+              device: torch.device | str | None = None, parts: Sequence[range] | None = None) -> Plan:
+    """Split ``rule`` into ``stages`` (see :func:`unit_costs` for ``balance``), or take ``parts`` as given."""
+    check_pipelinable(rule, stages)
     costs = unit_costs(rule, balance, batch_size, device=device)
-    parts = partition(costs, stages)
-    probes = probe_inputs(rule)
-    inputs = [[tuple(t.shape[1:]) for t in probes[r.start]] for r in parts]
-    return Plan(parts, costs, balance, inputs)
-
-
-# --- stages ------------------------------------------------------------------------------------
-
-def restrict(rule: DirectRule, keep: range) -> DirectRule:
-    """A shallow copy of ``rule`` whose hidden blocks and per-block parts are ``keep`` only.
-
-    Per-block parts are found by structure, never by rule name: a ``DirectFeedback`` (its ``B_i``
-    columns are narrowed to the kept blocks', a view) and every child ``ModuleList`` with one entry
-    per hidden block. A rule with any other trainable child cannot be split and raises.
-    """
-    k = len(rule._hidden)
-    view = copy.copy(rule)
-    view._modules, view._parameters, view._buffers = dict(rule._modules), dict(rule._parameters), dict(rule._buffers)
-    view._hidden = tuple(rule._hidden[i] for i in keep)
-    for name, m in rule._modules.items():
-        if name in ("model", "_top") or m is None:
-            continue
-        if isinstance(m, DirectFeedback):
-            view._modules[name] = _narrow_feedback(m, keep)
-        elif isinstance(m, nn.ModuleList) and len(m) == k:
-            view._modules[name] = nn.ModuleList([m[i] for i in keep])
-        elif any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
-            raise ValueError(f"cannot split rule {type(rule).__name__} into pipeline stages: its module {name!r} "
-                             "is not per block (a DirectFeedback or a ModuleList with one entry per hidden block)")
-    return view
-
-
-def _narrow_feedback(fb: DirectFeedback, keep: range) -> DirectFeedback:
-    part = object.__new__(DirectFeedback)
-    nn.Module.__init__(part)
-    part.shapes = [fb.shapes[i] for i in keep]
-    part.sizes = [fb.sizes[i] for i in keep]
-    start = sum(fb.sizes[:keep.start]) if len(keep) else 0
-    part.register_buffer("weight", fb.weight.narrow(1, start, sum(part.sizes)))  # a view: B_i stay shared
-    return part
+    parts = list(parts) if parts is not None else partition(costs, stages, rule.pipeline_cuts())
+    probes, _ = probe_inputs(rule)
+    return Plan(parts, costs, balance, [[tuple(t.shape[1:]) for t in probes[r.start]] for r in parts])
 
 
 class Stage:
-    """One process's part of the rule. Subclasses define ``forward`` and ``update``."""
+    """One process's units of the rule, run with the rule's own parts."""
 
-    def __init__(self, rule: Rule, plan: Plan, index: int, owned: list[nn.Module]):
+    def __init__(self, rule: UnitRule, plan: Plan, index: int):
         self.rule, self.plan, self.index = rule, plan, index
+        self.units = plan.stages[index]
         self.num_stages = len(plan.stages)
         self.is_first, self.is_last = index == 0, index == self.num_stages - 1
-        ids = {id(t) for m in owned for t in (*m.parameters(), *m.buffers())}
+        self.owned = [m for i in self.units for m in unit_owned(rule)[i]]
+        ids = {id(t) for m in self.owned for t in (*m.parameters(), *m.buffers())}
         self.owned_names = [n for n, t in rule.state_dict(keep_vars=True).items() if id(t) in ids]
-        self._owned_modules = owned
-        self.metrics: dict[str, Tensor] = {}
+        #: does this stage wait for the last stage's output error before it can update?
+        self.needs_output = not self.is_last and rule.waits_for_error(self.units)
+        self.device = torch.device("cpu")
 
     def param_groups(self, local_lr: float | None = None) -> list[dict]:
         """``rule.param_groups(local_lr)`` restricted to this stage's tensors (empty groups dropped)."""
-        mine = {id(p) for m in self._owned_modules for p in m.parameters()}
+        mine = {id(p) for m in self.owned for p in m.parameters()}
         groups = [{**g, "params": [p for p in g["params"] if id(p) in mine]} for g in self.rule.param_groups(local_lr)]
         return [g for g in groups if g["params"]]
 
     def to(self, device: torch.device) -> Stage:
-        for m in self._owned_modules:
-            m.to(device)
+        self.rule.to(device)  # the other units' copies too: small, and the rule's own tensors follow
         self.device = device
         return self
 
@@ -264,145 +202,52 @@ class Stage:
         return {n: sd[n].detach().to("cpu", copy=True) for n in self.owned_names}
 
     def train(self, mode: bool = True) -> None:
-        for m in self._owned_modules:
+        for m in self.owned:
             m.train(mode)
 
+    def forward(self, inputs: Sequence[Tensor], y: Tensor, stash: bool = False):
+        """``(record, stash pairs, tensors for the next stage)``: the rule's forward on this range.
 
-class Record(NamedTuple):
-    """What a stage keeps of a micro-batch until its update."""
+        ``stash``: the update may come after later ones (async), so the forward runs on snapshots of
+        the stage's weights, which autograd keeps; their gradients go to the live weights.
+        """
+        self.rule.before_step()
+        with stashed(self.owned, stash) as pairs, self.rule.forward_context():
+            record, send = self.rule.forward_units(self.units, inputs, y)
+        return record, pairs, send
 
-    y: Tensor
-    outputs: list[Tensor]  # block outputs with graph (direct) / component outputs (AL)
-    logits: Tensor | None  # last stage of a direct rule: with graph to the top
-    stash: list[tuple[Tensor, Tensor]]  # (parameter, the snapshot the forward used), async only
-    #: AL: the decoders' weights at this batch's forward (to decode it later, as one process would);
-    #: on the last stage, the decoded estimate itself
-    decoders: list[dict[str, Tensor]] | Tensor | None = None
-
-
-class DirectStage(Stage):
-    """Hidden blocks ``plan.stages[index]`` of a direct rule (and the top, on the last stage)."""
-
-    def __init__(self, rule: DirectRule, plan: Plan, index: int):
-        units = pipeline_units(rule)
-        r = plan.stages[index]
-        n_hidden = len(rule._hidden)
-        self.hidden_index = range(r.start, min(r.stop, n_hidden))
-        self.blocks = [rule._hidden[i] for i in self.hidden_index]
-        self.view = restrict(rule, self.hidden_index)
-        owned = [*self.blocks, *(mods[i] for mods in per_block_modules(rule) for i in self.hidden_index)]
-        top = units[-1] if r.stop == len(units) else []
-        self.top = (top[0] if len(top) == 1 else nn.Sequential(*top)) if top else None
-        super().__init__(rule, plan, index, owned + list(top))
-        #: does a hidden block here need this batch's output error / logits before it can update?
-        self.needs_output = bool(self.blocks) and rule.signals_need_output
-
-    def to(self, device):
-        super().to(device)
-        for name, m in self.view._modules.items():
-            if isinstance(m, DirectFeedback):
-                m.to(device)  # the narrowed B_i (a copy on another device; fixed, never trained)
-        return self
-
-    def forward(self, inputs: Sequence[Tensor], y: Tensor, stash: bool = False) -> tuple[Record, list[Tensor]]:
-        """Run the blocks on cut inputs; return the record for the update and the tensors to send on."""
-        (h,) = inputs
-        saved: list[tuple[Tensor, Tensor]] = []
-        if stash:  # weight stashing: the update may come after later ones; autograd must see these weights
-            outputs = []
-            for block in self.blocks:
-                params = dict(block.named_parameters())
-                snap = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in params.items()}
-                saved += [(params[n], snap[n]) for n in params]
-                h = functional_call(block, snap, (h.detach(),))
-                outputs.append(h)
-        else:
-            outputs = run_cut(self.blocks, h)
-        logits = None
-        if self.top is not None:
-            logits = self.top(outputs[-1].detach() if outputs else h.detach())
-            send = []
-        else:
-            send = [outputs[-1].detach()]
-        return Record(y, outputs, logits, saved), send
-
-    def output_error(self, record: Record) -> tuple[Tensor, Tensor]:
-        """Last stage: the loss and ``e = dL/dlogits`` (N, C)."""
-        return self.rule.loss.error(record.logits, record.y)
-
-    def update(self, record: Record, e: Tensor | None, logits: Tensor | None) -> None:
-        """Fill ``.grad`` of this stage's tensors from ``e`` (and the top's graph); the caller steps."""
-        y, outputs = record.y, record.outputs
-        if e is None:  # rules whose signals need no output may still read e's shape and dtype (DRTP)
-            p = next(self.rule.model.parameters())
-            e = torch.zeros((), dtype=p.dtype, device=y.device).expand(len(y), self.rule.num_classes)
-        with torch.no_grad():
-            signals = self.view.signals(e, y, outputs) if outputs else []
-        local = self.view.local_loss(outputs, logits, y) if outputs else None
-        roots, grads = list(outputs), list(signals)
-        if record.logits is not None:
-            roots.insert(0, record.logits)
-            grads.insert(0, e)
-        if local is not None:
-            roots.append(local)
-            grads.append(torch.ones_like(local))
-        inject(roots, grads)
-        for p, snap in record.stash:
+    def update(self, record: UnitsRecord, pairs, error: OutputError | None) -> Tensor | None:
+        """Fill ``.grad`` of this stage's tensors (the caller steps); this range's part of the loss."""
+        part = self.rule.backward_units(record, error)
+        for p, snap in pairs:
             if snap.grad is not None:
                 p.grad = snap.grad
+        self.rule.after_step()
+        return part
 
 
-class ALStage(Stage):
-    """Components ``plan.stages[index]`` of an Associated Learning network."""
-
-    def __init__(self, rule: AL, plan: Plan, index: int):
-        self.component_index = plan.stages[index]
-        self.components = [rule.model.components[i] for i in self.component_index]
-        super().__init__(rule, plan, index, self.components)
-        self.needs_output = False
-
-    def first_inputs(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        return [x, F.one_hot(y, self.rule.num_classes).to(x.dtype)]  # s_0 = x, t_0 = onehot(y)
-
-    def forward(self, inputs: Sequence[Tensor], y: Tensor, stash: bool = False) -> tuple[Record, list[Tensor]]:
-        s, t = inputs
-        outs = []
-        for c in self.components:
-            out = c(s, t, self.rule.reduction)  # cuts its inputs
-            outs.append(out)
-            s, t = out.s, out.t
-        # The train accuracy decodes b_L(s_L) through h_L .. h_1 at this step's weights (eq. 4.8), as
-        # AL.step does: the last stage starts now, the others keep their decoders' weights until then.
-        if self.is_last:
-            with torch.no_grad():
-                decoders = self.decode(outs[-1].bridge.detach())
-        else:
-            decoders = [{n: p.detach().clone() for n, p in c.h.named_parameters()} for c in self.components]
-        return Record(y, outs, None, [], decoders), [s.detach(), t.detach()]
-
-    @torch.no_grad()
-    def decode(self, t: Tensor, record: Record | None = None) -> Tensor:
-        """``h_a o ... o h_b (t)`` over this stage's components, at the weights ``record`` kept (default: now)."""
-        for i in reversed(range(len(self.components))):
-            h = self.components[i].h
-            t = h(t) if record is None else functional_call(h, record.decoders[i], (t,))
-        return t
-
-    def update(self, record: Record, e=None, logits=None) -> Tensor:
-        """Backward of this stage's local losses; returns their weighted sum (detached)."""
-        rule = self.rule
-        assoc = torch.stack([o.assoc_loss for o in record.outputs])
-        ae = torch.stack([o.ae_loss for o in record.outputs])
-        total = rule.assoc_weight * assoc.sum() + rule.ae_weight * ae.sum()
-        total.backward()
-        self.metrics = {**{f"assoc_loss/{i + 1}": v for i, v in zip(self.component_index, assoc.detach())},
-                        **{f"ae_loss/{i + 1}": v for i, v in zip(self.component_index, ae.detach())}}
-        return total.detach()
+@contextmanager
+def stashed(modules: Sequence[nn.Module], enabled: bool = True) -> Iterator[list[tuple[Tensor, Tensor]]]:
+    """Inside, every parameter of ``modules`` is replaced by a detached copy (weight stashing);
+    yields ``[(parameter, copy)]``. The graph built inside keeps the copies."""
+    swaps: list[tuple[nn.Module, str, Tensor, Tensor]] = []
+    if enabled:
+        seen = set()
+        for top in modules:
+            for m in top.modules():
+                for name, p in list(m._parameters.items()):
+                    if p is None or (id(m), name) in seen:
+                        continue
+                    seen.add((id(m), name))
+                    snap = p.detach().clone().requires_grad_(p.requires_grad)
+                    m._parameters[name] = snap
+                    swaps.append((m, name, p, snap))
+    try:
+        yield [(p, snap) for _, _, p, snap in swaps]
+    finally:
+        for m, name, p, _ in swaps:
+            m._parameters[name] = p
 
 
-def make_stage(rule: Rule, plan: Plan, index: int) -> Stage:
-    return ALStage(rule, plan, index) if isinstance(rule, AL) else DirectStage(rule, plan, index)
-
-
-__all__ = ["ALStage", "BALANCES", "DirectStage", "Plan", "Record", "Stage", "make_plan", "make_stage", "partition",
-           "pipeline_units", "probe_inputs", "restrict", "unit_costs"]
+__all__ = ["BALANCES", "Plan", "Stage", "check_pipelinable", "make_plan", "partition", "probe_inputs", "stashed",
+           "unit_costs", "unit_owned"]

@@ -290,6 +290,8 @@ class _LocalFA(LocalClassifier):
     the block through a fixed random ``B_c`` (FA), not through the classifier's own weight; the
     model's layers are feedback layers with trained ``B`` and KP decay (as ``asfp``)."""
 
+    per_block_modules = ("classifiers", "classifier_feedback")
+
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  feedback_scale: float = 1.0, kp_decay: float = 1e-4, local_loss: str = "cross-entropy",
                  blocks=None):

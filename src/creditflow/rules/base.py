@@ -235,6 +235,10 @@ class UnitRule(Rule):
     def num_units(self) -> int:
         raise NotImplementedError
 
+    def unit_modules(self, i: int) -> list[nn.Module]:
+        """The modules whose tensors unit ``i`` trains and keeps (a pipeline stage owns its units')."""
+        raise NotImplementedError
+
     def unit_name(self, i: int) -> str:
         return f"unit {i}"
 
@@ -297,6 +301,8 @@ class DirectRule(UnitRule):
     """
 
     top_blocks = 1
+    #: the rule's own ModuleLists with one entry per hidden block (LAS's local modules): unit i owns entry i
+    per_block_modules: tuple[str, ...] = ()
     #: False where hidden blocks' signals and local losses use only the target, not this batch's
     #: output (DRTP, local classifiers): a pipeline stage then updates right after its own forward
     signals_need_output = True
@@ -350,9 +356,9 @@ class DirectRule(UnitRule):
         return "top" if i == len(self._hidden) else f"block {i}"
 
     def unit_modules(self, i: int) -> list[nn.Module]:
-        """The model's modules unit ``i`` runs (the top: its blocks)."""
+        """The modules unit ``i`` trains: its block and its entry of each per-block part (the top: its blocks)."""
         if i < len(self._hidden):
-            return [self._hidden[i]]
+            return [self._hidden[i], *(getattr(self, name)[i] for name in self.per_block_modules)]
         return list(self._top) if isinstance(self._top, nn.Sequential) else [self._top]
 
     def hidden_output_shapes(self) -> list[torch.Size]:

@@ -44,6 +44,7 @@ class LAS(DirectRule):
     """
 
     top_blocks = 2  # the last hidden block gets the true W_L^T e
+    per_block_modules = ("local",)
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  feedback_init: str = "random", local_kernel_size: int | None = None, blocks=None):

@@ -44,6 +44,7 @@ class LocalClassifier(DirectRule):
     """
 
     top_blocks = 1  # the head alone learns from the global error
+    per_block_modules = ("classifiers",)
     signals_need_output = False  # A_i^T e_i needs only h_i and y*
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
