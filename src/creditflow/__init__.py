@@ -1,7 +1,8 @@
 """creditflow: train neural networks with credit-assignment rules beyond backpropagation."""
 
 from . import data, diagnostics, models, rules  # noqa: F401
+from . import parallel  # noqa: F401  (registers the ddp and pipeline strategies of the trainer)
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "diagnostics", "models", "rules", "__version__"]
+__all__ = ["data", "diagnostics", "models", "parallel", "rules", "__version__"]

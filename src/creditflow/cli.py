@@ -16,10 +16,10 @@ import click
 from pydantic import BaseModel
 
 from .registry import DATASETS, MODELS, RULES
-from .train.align import AlignConfig
-from .train.analyze import AnalyzeOptions
+from .jobs.align import AlignConfig
+from .jobs.analyze import AnalyzeOptions
 from .train.config import CompareConfig, RunConfig
-from .train.reproduce import ReproduceOptions
+from .jobs.reproduce import ReproduceOptions
 
 SKIP = {"rule_options", "model_options"}
 
@@ -139,8 +139,8 @@ def train(config_file, resume, quiet, rule_option, model_option, **flags):
 @schema_options(CompareConfig, exclude={"rule"})
 def compare(config_file, resume, quiet, rule_option, model_option, **flags):
     """Compare rules on the same model, data and seeds (default: BP, Shallow, FA, DFA on the embedded data)."""
-    from .train import compare as run_compare
-    from .train.compare import to_markdown
+    from .jobs.compare import compare as run_compare
+    from .jobs.compare import to_markdown
 
     cfg, rows = run_job(CompareConfig, run_compare, config_file, resume, quiet, rule_option, model_option, flags)
     click.echo(to_markdown(rows, cfg))
@@ -152,7 +152,7 @@ def compare(config_file, resume, quiet, rule_option, model_option, **flags):
 @schema_options(AlignConfig, exclude={"rule"})
 def align(config_file, quiet, rule_option, model_option, **flags):
     """Train rules from one initialisation; measure each block's signal against BP's gradient (cosine)."""
-    from .train.align import align as run_align, to_markdown
+    from .jobs.align import align as run_align, to_markdown
 
     def job(cfg, resume, progress):  # short runs: nothing to resume
         try:
@@ -172,7 +172,7 @@ def align(config_file, quiet, rule_option, model_option, **flags):
 @schema_options(AnalyzeOptions)
 def analyze(run_dirs, quiet, **flags):
     """Class distances and t-SNE of each layer of finished runs, and their metric families (AL paper Sec. 5.3-5.4)."""
-    from .train.analyze import analyze as run_analyze, runs_markdown, to_markdown
+    from .jobs.analyze import analyze as run_analyze, runs_markdown, to_markdown
 
     opts = resolve(AnalyzeOptions, None, flags)
     progress = setup_logging(quiet)
@@ -194,7 +194,7 @@ def analyze(run_dirs, quiet, **flags):
 @schema_options(ReproduceOptions)
 def reproduce(preset, quiet, **flags):
     """Reproduce a paper table (PRESET: las-fc, las-cnn, or a preset .yaml); --budget quick|full."""
-    from .train.reproduce import available, reproduce as run_reproduce
+    from .jobs.reproduce import available, reproduce as run_reproduce
 
     opts = resolve(ReproduceOptions, None, flags)
     progress = setup_logging(quiet)

@@ -14,7 +14,7 @@ from creditflow.diagnostics import AlignmentProbe, measure
 from creditflow.parallel import WorkerFailed, launch
 from creditflow.parallel.ddp import DataParallel
 from creditflow.registry import RULES
-from creditflow.train import RunConfig, train
+from creditflow.train import Callback, RunConfig, train
 from tests.reference import tiny_associated, tiny_cnn, tiny_mlp
 
 #: same parameters as one process on the whole batch (float64: to 1e-12); docs/parallel.md says why
@@ -129,27 +129,18 @@ TINY = dict(model="mlp:784-32-10", epochs=2, batch_size=32, max_steps_per_epoch=
             eval_batch_size=1000, device="cpu", augment="flip")
 
 
-def killed_in_epoch_2(rank, world_size, cfg_json):
-    """The DDP trainer, with rank 1 killed (SIGKILL) when epoch 2 starts, after rank 0's checkpoint."""
-    import os
+class KillRank1InEpoch2(Callback):
+    """Rank 1 is killed (SIGKILL) when epoch 2 starts, after rank 0's checkpoint of epoch 1."""
 
-    import torch.distributed as dist
+    def on_epoch_start(self, trainer, epoch):
+        import os
 
-    from creditflow.train import loop
-    from creditflow.train.loop import run_training
+        import torch.distributed as dist
 
-    real = loop.train_epoch
-
-    def dies(*args, **kwargs):
-        if args[8] == 1:
+        if epoch == 1:
             dist.barrier()  # rank 0 has written epoch 1's files
-            if rank == 1:
+            if trainer.strategy.rank == 1:
                 os.kill(os.getpid(), 9)
-        return real(*args, **kwargs)
-
-    loop.train_epoch = dies
-    cfg = RunConfig.model_validate(cfg_json)
-    return run_training(cfg, progress=False, sync=DataParallel(seed=cfg.seed))
 
 
 def test_killed_run_fails_fast_and_resumes_to_the_single_process_result(tmp_path):
@@ -158,7 +149,7 @@ def test_killed_run_fails_fast_and_resumes_to_the_single_process_result(tmp_path
     cfg = RunConfig(**TINY, out=str(killed), parallel="ddp", nproc=2)
     start = time.monotonic()
     with pytest.raises(WorkerFailed, match="rank 1 was killed by signal SIGKILL"):
-        launch(killed_in_epoch_2, 2, (cfg.model_dump(mode="json"),), timeout_s=60)
+        train(cfg, progress=False, callbacks=[KillRank1InEpoch2()])
     assert time.monotonic() - start < 60 and not multiprocessing.active_children()
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] == 1
     assert not list(killed.glob(".*.tmp"))  # no half-written file

@@ -18,20 +18,22 @@ import torch
 
 import creditflow as cf
 from creditflow.parallel import WorkerFailed
-from creditflow.parallel.pipeline import fit, train_pipeline
+from creditflow.parallel.pipeline import fit
 from creditflow.parallel.stages import Stage, make_plan, partition
 from creditflow.train.checkpoint import load_checkpoint
 from creditflow.train.config import RunConfig
-from creditflow.train.loop import train
+from creditflow.train import Callback, train
 from creditflow.train.metrics import read_jsonl
 
 STEPS = 6  # per epoch
 
 
-def kill_stage_1_in_epoch_2(stage: int, step: int) -> None:
-    """Step hook (runs in every stage before each step): SIGKILL stage 1 at its 3rd step of epoch 2."""
-    if stage == 1 and step == STEPS + 2:
-        os.kill(os.getpid(), signal.SIGKILL)
+class KillStage1InEpoch2(Callback):
+    """Runs in every stage before each step: SIGKILL stage 1 at its 3rd step of epoch 2."""
+
+    def on_step_start(self, trainer, step):
+        if trainer.strategy.rank == 1 and step == STEPS + 2:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def batches(n: int, d: int = 20, classes: int = 5, size: int = 16, seed: int = 0):
@@ -99,7 +101,7 @@ def runs(tmp_path_factory):
     cfg = RunConfig(rule="dfa", model="mlp:784-64-32-10", parallel="pipeline", stages=2, pipeline_schedule="sync",
                     epochs=2, batch_size=32, max_steps_per_epoch=STEPS, lr=1e-3, device="cpu",
                     out=str(root / "whole"), eval_batch_size=500)
-    summary = train_pipeline(cfg, progress=False)
+    summary = train(cfg, progress=False)
     return root, cfg, summary
 
 
@@ -121,12 +123,12 @@ def test_killed_stage_stops_the_run_and_resume_equals_the_uninterrupted_run(runs
     cut = cfg.model_copy(update={"out": str(root / "cut")})
     start = time.monotonic()
     with pytest.raises(WorkerFailed, match=r"stage 1 was killed by signal SIGKILL") as err:
-        train_pipeline(cut, progress=False, step_hook=kill_stage_1_in_epoch_2)
+        train(cut, progress=False, callbacks=[KillStage1InEpoch2()])
     assert time.monotonic() - start < 60
     assert err.value.role == "stage" and err.value.rank == 1
     assert load_checkpoint(root / "cut" / "checkpoint.pt")["epoch"] == 1  # the epoch-1 checkpoint, whole
     assert len(read_jsonl(root / "cut" / "metrics.jsonl")) == 1
-    train_pipeline(cut, resume=True, progress=False)
+    train(cut, resume=True, progress=False)
     assert_same_state(load_checkpoint(root / "cut" / "checkpoint.pt")["rule"],
                       load_checkpoint(root / "whole" / "checkpoint.pt")["rule"])
     assert len(read_jsonl(root / "cut" / "metrics.jsonl")) == 2
@@ -181,3 +183,16 @@ def test_async_pipeline_trains_and_follows_the_documented_schedule():
         accuracy = (rule.model(x).argmax(-1) == splits.test.labels).float().mean().item()
         chance_model = (before.model(x).argmax(-1) == splits.test.labels).float().mean().item()
     assert accuracy > 0.55 and accuracy > chance_model + 0.3  # chance: 0.1 (0.68 when written)
+
+
+def test_resume_with_another_stage_count_continues_the_same_run(runs):
+    """The checkpoint holds the whole rule and each tensor's optimizer state by name: epoch 2 on 3
+    stages continues the 2-stage run (sync: the same arithmetic as one process)."""
+    root, cfg, _ = runs
+    first = cfg.model_copy(update={"out": str(root / "restaged")})
+    with pytest.raises(WorkerFailed):
+        train(first, progress=False, callbacks=[KillStage1InEpoch2()])
+    summary = train(first.model_copy(update={"stages": 3}), resume=True, progress=False)
+    assert summary["pipeline"]["stages"] == 3 and len(summary["pipeline"]["plan"]) == 3
+    assert_same_state(load_checkpoint(root / "restaged" / "checkpoint.pt")["rule"],
+                      load_checkpoint(root / "whole" / "checkpoint.pt")["rule"])

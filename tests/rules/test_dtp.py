@@ -11,7 +11,7 @@ from torch.nn import functional as F
 import creditflow as cf
 from creditflow.models import BlockNet
 from creditflow.train.config import RunConfig
-from creditflow.train.loop import build_run
+from creditflow.train.trainer import build_run
 from tests.reference import batch, tiny_cnn, tiny_mlp
 
 

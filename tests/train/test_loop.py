@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from creditflow.train import NonFiniteLoss, RunConfig, train
-from creditflow.train import loop as loop_module
+from creditflow.train import Callback, NonFiniteLoss, RunConfig, train
 from creditflow.train.metrics import select_best
 
 TINY = dict(model="mlp:784-32-10", epochs=3, batch_size=32, max_steps_per_epoch=6, lr=1e-3,
@@ -43,18 +42,15 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, 
     train(config(straight, rule=rule, augment="flip"), progress=False)
 
     killed = tmp_path / "killed"
-    real_epoch = loop_module.train_epoch
 
-    def dies_in_epoch_2(*args, **kwargs):
-        if args[8] == 1:  # the epoch index
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+    class DiesInEpoch2(Callback):
+        def on_step_start(self, trainer, step):
+            if step == 8:  # the 3rd step of epoch 2 (6 steps an epoch)
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop_module, "train_epoch", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        train(config(killed, rule=rule, augment="flip"), progress=False)
+        train(config(killed, rule=rule, augment="flip"), progress=False, callbacks=[DiesInEpoch2()])
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(loop_module, "train_epoch", real_epoch)
     train(config(killed, rule=rule, augment="flip"), resume=True, progress=False)
 
     a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
@@ -68,7 +64,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, 
 
 def test_resume_refuses_a_different_config(tmp_path):
     train(config(tmp_path, epochs=1), progress=False)
-    with pytest.raises(ValueError, match="config differs"):
+    with pytest.raises(ValueError, match="config differs in lr 0.001 -> 0.5; use the saved config.yaml"):
         train(config(tmp_path, epochs=1, lr=0.5), resume=True, progress=False)
 
 

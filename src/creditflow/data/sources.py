@@ -157,15 +157,6 @@ class _DownloadFailed(DatasetError):
     """Every mirror of a file failed for network reasons."""
 
 
-def file_digest(path: str | os.PathLike, algorithm: str) -> str:
-    """Hex digest of a file, read in chunks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(resource: Resource, folder: Path) -> Path:
     """Download ``resource`` into ``folder``, verify its checksum, then rename it into place.
 

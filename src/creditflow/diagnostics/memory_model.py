@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..mechanisms.feedback import FeedbackLayer, observe_weight_inputs
+from ..mechanisms.modes import probe_batch
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)  # feedback layers are these too
 
@@ -103,8 +104,7 @@ def external_memory_access(rule: nn.Module, input_shape, batch_size: int = 1) ->
     params = sum(p.numel() for p in rule.model.parameters() if p.requires_grad)
     feedback = sum(m.feedback.numel() for m in rule.model.modules()
                    if isinstance(m, FeedbackLayer) and m.feedback.requires_grad)
-    p = next(rule.model.parameters())
-    x = torch.zeros(batch_size, *input_shape, device=p.device, dtype=p.dtype)
+    x = probe_batch(rule.model, input_shape, batch_size)
     return MemoryAccess(params=params, activations=weight_gradient_inputs(rule, x), feedback_params=feedback)
 
 
@@ -141,58 +141,40 @@ def memory_table(model: str, rules: list[str], batch_size: int = 64, num_classes
 
 
 def to_markdown(rows: list[dict], model: str, batch_size: int) -> str:
+    from ..jobs.report import fmt, markdown_table  # not at the top: jobs import the diagnostics
+
     ref = next((r["rule"] for r in rows if r["rule"] == "bp"), rows[0]["rule"])
     mib = 2.0 ** 20
-    lines = [f"Measured on `{model}`, batch {batch_size} (ratios to {ref}):", "",
-             "| rule | saved for backward MiB | vs BP | device peak MiB |", "|---|---|---|---|"]
-    for r in rows:
-        peak = "n/a" if r["device_peak_bytes"] is None else f"{r['device_peak_bytes'] / mib:.1f}"
-        lines.append(f"| {r['rule']} | {r['saved_for_backward_bytes'] / mib:.2f} | {r['saved_vs_bp']:.2f}x | {peak} |")
-    lines += ["", "Modelled external memory accesses (ASAP thesis ch. 6, elements, millions):", "",
-              "| rule | Param | Act | fwd reads | fwd writes | bwd reads | bwd writes | total | vs BP "
-              "| vs BP, B not counted |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        m = [r[k] / 1e6 for k in ("params", "activations", "forward_reads", "forward_writes", "backward_reads",
-                                  "backward_writes", "total")]
-        lines.append(f"| {r['rule']} | " + " | ".join(f"{v:.3f}" for v in m)
-                     + f" | {r['access_vs_bp']:.2f}x | {r['access_forward_weights_only_vs_bp']:.2f}x |")
-    return "\n".join(lines) + "\n"
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'creditflow[plot]'") from None
-    return plt
-
-
-def _save(fig, path) -> None:
-    from ..train.checkpoint import atomic_write
-
-    fmt = str(path).rsplit(".", 1)[-1]
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt))
+    counts = ("params", "activations", "forward_reads", "forward_writes", "backward_reads", "backward_writes", "total")
+    return "\n".join([
+        f"Measured on `{model}`, batch {batch_size} (ratios to {ref}):", "",
+        *markdown_table(["rule", "saved for backward MiB", "vs BP", "device peak MiB"], (
+            [r["rule"], f"{r['saved_for_backward_bytes'] / mib:.2f}", f"{r['saved_vs_bp']:.2f}x",
+             fmt(None if r["device_peak_bytes"] is None else r["device_peak_bytes"] / mib, ".1f")] for r in rows)),
+        "", "Modelled external memory accesses (ASAP thesis ch. 6, elements, millions):", "",
+        *markdown_table(["rule", "Param", "Act", "fwd reads", "fwd writes", "bwd reads", "bwd writes", "total", "vs BP",
+                         "vs BP, B not counted"], (
+            [r["rule"], *(f"{r[k] / 1e6:.3f}" for k in counts), f"{r['access_vs_bp']:.2f}x",
+             f"{r['access_forward_weights_only_vs_bp']:.2f}x"] for r in rows)),
+    ]) + "\n"
 
 
 def plot_access(rows: list[dict], model: str, path) -> None:
     """A bar chart of modelled accesses per rule, split into forward and backward (thesis Fig. 6.1)."""
-    plt = _pyplot()
+    from ..jobs.report import figure_class, save_figure  # not at the top: jobs import the diagnostics
+
     names = [r["rule"] for r in rows]
     fwd = [(r["forward_reads"] + r["forward_writes"]) / 1e6 for r in rows]
     bwd = [(r["backward_reads"] + r["backward_writes"]) / 1e6 for r in rows]
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
+    fig = figure_class("leave out --plot")(figsize=(1.2 * len(rows) + 2, 3.5))
+    ax = fig.subplots()
     ax.bar(names, fwd, label="forward (6.1)")
     ax.bar(names, bwd, bottom=fwd, label="backward (6.2)")
     ax.set_ylabel("external memory accesses (M elements)")
     ax.set_title(f"{model}: modelled external memory accesses")
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_access_across(tables: dict[str, list[dict]], path) -> None:
@@ -203,11 +185,13 @@ def plot_access_across(tables: dict[str, list[dict]], path) -> None:
     a cross marks the total when a trained ``B`` counts too, and a dot the measured
     saved-for-backward ratio, so the two accountings and the measurement read side by side.
     """
-    plt = _pyplot()
+    from ..jobs.report import figure_class, save_figure
+
     models = list(tables)
     rules = [r["rule"] for r in tables[models[0]]]
     width = 0.8 / len(rules)
-    fig, ax = plt.subplots(figsize=(1.6 * len(models) + 4.5, 3.8))
+    fig = figure_class("leave out --plot")(figsize=(1.6 * len(models) + 4.5, 3.8))
+    ax = fig.subplots()
     for j, rule in enumerate(rules):
         xs = [i + (j - (len(rules) - 1) / 2) * width for i in range(len(models))]
         rows = [next(r for r in tables[m] if r["rule"] == rule) for m in models]
@@ -224,5 +208,4 @@ def plot_access_across(tables: dict[str, list[dict]], path) -> None:
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)

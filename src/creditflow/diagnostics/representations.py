@@ -35,8 +35,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["ClassDistances", "ClassStatistics", "DistanceAccumulator", "balanced_subset", "class_distances", "class_statistics",
-           "collect_representations", "figure_class", "mean_pairwise_distance", "plot_tsne", "require_sklearn",
-           "tsne_embedding"]
+           "collect_representations", "mean_pairwise_distance", "plot_tsne", "require_sklearn", "tsne_embedding"]
 
 _CHUNK_ENTRIES = 1 << 22  # distances held at once by mean_pairwise_distance: 32 MB in float64
 
@@ -251,16 +250,6 @@ def tsne_embedding(z: Tensor, *, perplexity: float = 30.0, seed: int = 0, pca_di
     return points, used
 
 
-def figure_class():
-    """matplotlib's ``Figure`` class (no pyplot, no global state), or an ImportError naming the extra."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("figures need matplotlib: pip install 'creditflow[plot]' "
-                          "(or pass --no-plot to skip them)") from None
-    return Figure
-
-
 def class_colors(num_classes: int) -> list:
     """One colour per class: tab10 / tab20 while they last, then evenly spaced hues."""
     from matplotlib import colormaps
@@ -281,6 +270,8 @@ def plot_tsne(panels: Sequence[tuple[str, object]], labels, *, class_names: Sequ
         labels: (n,) class of each point.
         class_names: names in label order, for the legend (shown for up to 20 classes).
     """
+    from ..jobs.report import figure_class  # not at the top: the jobs import this module
+
     Figure = figure_class()
     labels = torch.as_tensor(labels).cpu()
     num_classes = num_classes or (int(labels.max()) + 1 if len(labels) else 1)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .modes import eval_mode, probe_batch
+
 
 def output_error(logits: Tensor, target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
     """Loss and ``e = dL/d(logits)`` for any differentiable loss, without touching the model graph."""
@@ -111,18 +113,11 @@ class BoundaryCut:
         returns no tensor, for model outputs that are not (N, C) tensors, and for a parameter
         reached from two blocks (a path around a boundary, or a weight shared across blocks).
         """
-        p = next(self.model.parameters(), None)
-        x = torch.zeros(2, *input_shape, **({"device": p.device, "dtype": p.dtype} if p is not None else {}))
         outputs: list[Tensor | None] = [None] * len(self.names)
         order: list[int] = []
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()  # BatchNorm must not learn from the probe
-        try:
-            with torch.enable_grad(), self._hooks(outputs, order):
-                logits = self.model(x)
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        # eval: BatchNorm must not learn from the probe
+        with eval_mode(self.model), torch.enable_grad(), self._hooks(outputs, order):
+            logits = self.model(probe_batch(self.model, input_shape))
         if any(h is None for h in outputs):
             missing = [n for n, h in zip(self.names, outputs) if h is None]
             raise ValueError(f"block boundaries {missing} did not run in the forward pass")
@@ -204,25 +199,6 @@ def inject(outputs: Sequence[Tensor], signals: Sequence[Tensor | None]) -> None:
     pairs = [(h, s) for h, s in zip(outputs, signals, strict=True) if s is not None and h.requires_grad]
     if pairs:
         torch.autograd.backward([h for h, _ in pairs], [s for _, s in pairs])
-
-
-@torch.no_grad()
-def block_output_shapes(blocks: Sequence[nn.Module], input_shape: Sequence[int]) -> list[torch.Size]:
-    """Per-sample output shape of each block, from a 2-sample probe run in eval mode."""
-    first = next((p for b in blocks for p in b.parameters()), None)
-    device = first.device if first is not None else None
-    dtype = first.dtype if first is not None else None
-    h = torch.zeros(2, *input_shape, device=device, dtype=dtype)
-    shapes = []
-    for block in blocks:
-        was_training = block.training
-        block.eval()  # BatchNorm must not learn from the probe
-        try:
-            h = block(h)
-        finally:
-            block.train(was_training)
-        shapes.append(h.shape[1:])
-    return shapes
 
 
 class DirectFeedback(nn.Module):

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..mechanisms.modes import block_output_shapes
 from ..registry import register_model
 from .blocks import BlockNet, parse_dims
 from .blocks import activation as make_activation
@@ -207,22 +208,6 @@ def bridge(shape: torch.Size, n_out: int, hidden: Sequence[int], act: str, pool:
     return nn.Sequential(*layers)
 
 
-def output_shapes(units: Sequence[nn.Module], input_shape) -> list[torch.Size]:
-    """Per-sample output shape of each unit, from a 2-sample probe in eval mode (BN-safe)."""
-    shapes, x = [], torch.zeros(2, *input_shape)
-    modes = [(m, m.training) for u in units for m in u.modules()]
-    try:
-        with torch.no_grad():
-            for u in units:
-                u.eval()
-                x = u(x)
-                shapes.append(x.shape[1:])
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    return shapes
-
-
 def group_sizes(n_units: int, components: int | None, default: Sequence[int] | None) -> list[int]:
     """Units per component: ``default`` when ``components`` is not given, else an even split."""
     if components is None:
@@ -279,7 +264,7 @@ def layout(units: Sequence[nn.Module], *, input_shape, num_classes: int, width: 
     if len(widths) != L:
         raise ValueError(f"label_widths needs one width per component ({L}), got {len(widths)}: {widths}")
     hidden = [[bridge_width or 5 * n] * bridge_depth for n in widths]  # 5 x n_i: the authors' 5120 for 1024
-    return Layout(encoders, output_shapes(encoders, input_shape), widths, hidden, bridge_pool)
+    return Layout(encoders, block_output_shapes(encoders, input_shape), widths, hidden, bridge_pool)
 
 
 def check_init(init: str) -> None:

@@ -47,10 +47,6 @@ class BlockNet(nn.Sequential):
         self.input_shape = tuple(int(d) for d in input_shape)
 
     @property
-    def hidden(self) -> list[nn.Module]:
-        return list(self)[:-1]  # not self[:-1]: slicing would rebuild a BlockNet without input_shape
-
-    @property
     def head(self) -> nn.Module:
         return self[-1]
 

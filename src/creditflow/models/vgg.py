@@ -21,8 +21,9 @@ import math
 
 from torch import nn
 
+from ..mechanisms.modes import block_output_shapes
 from ..registry import register_model
-from .associated import AssociatedNet, fold, output_shapes, unfold
+from .associated import AssociatedNet, fold, unfold
 from .blocks import BlockNet
 from .blocks import activation as make_activation
 
@@ -43,7 +44,7 @@ def vgg_units(input_shape, activation: str) -> list[nn.Module]:
                   make_activation(activation)]
         units.append(nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else [])))
         c = width
-    d = math.prod(output_shapes(units, input_shape)[-1])  # 512 x 2 x 2 for 32x32 inputs
+    d = math.prod(block_output_shapes(units, input_shape)[-1])  # 512 x 2 x 2 for 32x32 inputs
     for i, width in enumerate(FC):
         units.append(nn.Sequential(*([nn.Flatten()] if i == 0 else []), nn.Linear(d, width),
                                    make_activation(activation)))

@@ -1,6 +1,8 @@
-"""Parallel training: the shared launcher, data parallelism (``ddp``) and the pipeline trainer."""
+"""Parallel training: the shared launcher and two strategies of the one trainer, data parallelism
+(``ddp``) and the pipeline (``pipeline``); importing this package registers them."""
 
+from .ddp import DataParallel, DataParallelStrategy
 from .launch import WorkerFailed, launch
-from .pipeline import train_pipeline  # noqa: F401  (pipeline.fit: a rule object and a list of batches)
+from .pipeline import PipelineStrategy, fit
 
-__all__ = ["WorkerFailed", "launch"]
+__all__ = ["DataParallel", "DataParallelStrategy", "PipelineStrategy", "WorkerFailed", "fit", "launch"]

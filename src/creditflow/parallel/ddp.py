@@ -16,7 +16,7 @@ backward through one graph, :class:`DataParallel` synchronises explicitly around
    broadcast from rank 0;
 4. end of each epoch: BatchNorm running statistics are averaged over ranks, every other buffer is
    broadcast from rank 0; rank 0 evaluates and writes metrics, checkpoint and summary (atomically,
-   with the single-process trainer's code, :func:`creditflow.train.loop.run_training`).
+   with the one trainer, :class:`creditflow.train.trainer.Trainer`).
 
 The random stream of rank 0 is the single-process one; every other rank draws from its own stream
 (reseeded from the seed, its rank and the epoch), so dropout and noise are independent across
@@ -34,9 +34,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .launch import WorkerFailed, barrier, is_torchrun, launch, resolve_device, worker_device
+from ..train.trainer import EXPECTED_ERRORS, Strategy, Trainer, register_strategy
+from .launch import barrier, is_torchrun, launch, resolve_device, worker_device
 
-__all__ = ["DataParallel", "train_ddp"]
+__all__ = ["DataParallel", "DataParallelStrategy"]
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
     return [b for bs in groups.values() for b in bs if b]
 
 
-# -- the trainer ----------------------------------------------------------------------------------
+# -- the strategy -------------------------------------------------------------------------------
 
 def check(cfg) -> None:
     if cfg.nproc < 1:
@@ -232,40 +233,78 @@ def check(cfg) -> None:
     if cfg.batch_size % cfg.nproc:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --nproc {cfg.nproc}: each of the "
                          f"{cfg.nproc} processes takes an equal share of every batch")
+    cores = os.cpu_count() or 1
+    if resolve_device(cfg.device) == "cpu" and cfg.nproc > cores:
+        log.warning("--nproc %d on %d CPU cores: the processes will share cores (slower than fewer)", cfg.nproc, cores)
 
 
-def train_ddp(cfg, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` on ``cfg.nproc`` processes (each a shard of every batch); rank 0's summary.
+@register_strategy("ddp")
+class DataParallelStrategy(Strategy):
+    """``--parallel ddp``: every rank runs the one-process loop on its shard of each batch, with
+    :class:`DataParallel` synchronising around each step; rank 0 evaluates and writes."""
 
-    Spawns the processes, or, under ``torchrun``, runs this process's rank (``nproc`` is then
-    torchrun's number of processes). The files written are
-    those of single-process training (config.yaml, metrics.jsonl, checkpoint.pt, summary.json),
-    and resume works the same way.
-    """
-    from ..train.loop import NonFiniteLoss
+    @classmethod
+    def run(cls, cfg, *, resume=False, progress=True, callbacks=()):
+        if is_torchrun():  # torchrun decides how many processes there are
+            cfg = cfg.model_copy(update={"nproc": int(os.environ["WORLD_SIZE"])})
+        check(cfg)
+        kind = resolve_device(cfg.device)
+        level = logging.getLogger().getEffectiveLevel()
+        args = (cfg.model_dump(mode="json"), resume, progress, level, list(callbacks))
+        return launch(_rank_main, cfg.nproc, args, backend=cfg.backend, device=kind, timeout_s=TRAIN_TIMEOUT_S,
+                      role="rank", unwrap=EXPECTED_ERRORS)[0]
 
-    if is_torchrun():  # torchrun decides how many processes there are
-        cfg = cfg.model_copy(update={"nproc": int(os.environ["WORLD_SIZE"])})
-    check(cfg)
-    kind = resolve_device(cfg.device)
-    level = logging.getLogger().getEffectiveLevel()
-    try:
-        results = launch(_rank_main, cfg.nproc, (cfg.model_dump(mode="json"), resume, progress, level),
-                         backend=cfg.backend, device=kind, timeout_s=TRAIN_TIMEOUT_S, role="rank")
-    except WorkerFailed as err:
-        if isinstance(err.error, (ValueError, FileNotFoundError, NonFiniteLoss)):
-            raise err.error from err  # what one process would have raised: the CLI prints one line
-        raise
-    return results[0]
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.sync = DataParallel(seed=cfg.seed)
+        self.rank, self.world_size = self.sync.rank, self.sync.world_size
+
+    @property
+    def device(self):
+        return self.sync.device
+
+    def load_data(self, load):
+        return super().load_data(lambda: self.sync.main_first(load))  # one download, not one per rank
+
+    def prepare(self, rule, checkpoint):
+        super().prepare(rule, checkpoint)
+        self.sync.prepare(rule)
+
+    def before_epoch(self, epoch):
+        self.sync.seed(epoch)
+
+    def shard(self, x, y):
+        return self.sync.shard(x, y)
+
+    def after_step(self):
+        self.sync.after_step()  # average .grad (and rule-owned state) over ranks
+
+    def totals(self, loss_sum, correct, seen, extra):
+        return self.sync.totals(loss_sum, correct, seen, extra)
+
+    def after_epoch(self):
+        self.sync.sync_buffers()  # BatchNorm statistics agree on every rank before rank 0 evaluates
+
+    def gather(self, obj):
+        # the optimizer and scheduler are the same on every rank; the other ranks' random streams
+        # are reseeded every epoch (DataParallel.seed): rank 0's state is the run's
+        return [obj] if self.is_main else None
+
+    def share(self, obj):
+        return self.sync.share(obj)
+
+    def rule_state(self, rule):
+        return rule.state_dict() if self.is_main else None
+
+    def describe(self):
+        return {"nproc": self.world_size}
 
 
-def _rank_main(rank: int, world_size: int, cfg_json: dict, resume: bool, progress: bool, level: int):
+def _rank_main(rank: int, world_size: int, cfg_json: dict, resume: bool, progress: bool, level: int, callbacks):
     from ..train.config import RunConfig
-    from ..train.loop import run_training
 
     if not logging.getLogger().handlers:  # a spawned process: log as the parent did, rank 0 only
         logging.basicConfig(level=level if rank == 0 else logging.WARNING, format="%(message)s")
     cfg = RunConfig.model_validate(cfg_json)
-    sync = DataParallel(seed=cfg.seed)
-    summary = run_training(cfg, resume=resume, progress=progress, sync=sync)
-    return sync.share(summary)  # every rank returns it (torchrun: each process's train() does)
+    strategy = DataParallelStrategy(cfg)
+    return Trainer(cfg, strategy, callbacks, progress).fit(resume)

@@ -209,7 +209,7 @@ def _stop(procs) -> None:
 
 def launch(worker: Callable[..., Any], nprocs: int, args: tuple = (), *, backend: str = "auto",
            device: str = "cpu", timeout_s: float = 60.0, role: str = "rank",
-           threads: int | None = None) -> list:
+           threads: int | None = None, unwrap: tuple[type[BaseException], ...] = ()) -> list:
     """Run ``worker(rank, world_size, *args)`` in ``nprocs`` processes and return their results.
 
     Each process has an initialised ``torch.distributed`` process group: gloo on CPU, NCCL on CUDA
@@ -222,7 +222,18 @@ def launch(worker: Callable[..., Any], nprocs: int, args: tuple = (), *, backend
     ``f"{role} {rank}"`` is raised at once; ``timeout_s`` also bounds every collective (the process
     group's timeout) and the wait for workers to exit. ``threads``: torch threads per worker
     (default: ``OMP_NUM_THREADS`` if set, else the CPU cores shared out among the workers).
+    ``unwrap``: a worker's exception of these types is raised as it is (what one process would have
+    raised: a bad config, a NaN loss), not as :class:`WorkerFailed`.
     """
+    try:
+        return _launch(worker, nprocs, args, backend, device, timeout_s, role, threads)
+    except WorkerFailed as err:
+        if unwrap and isinstance(err.error, unwrap):
+            raise err.error from err
+        raise
+
+
+def _launch(worker, nprocs, args, backend, device, timeout_s, role, threads) -> list:
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     kind = resolve_device(device)

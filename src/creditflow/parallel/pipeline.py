@@ -41,7 +41,6 @@ import copy
 import datetime
 import io
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -51,9 +50,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .launch import launch, worker_device
+from ..train.trainer import EXPECTED_ERRORS, DataInfo, EpochTotals, Strategy, Trainer, register_strategy
+from .launch import launch, resolve_device, worker_device
 from ..rules.base import OutputError
-from .stages import BALANCES, Plan, Stage, make_plan
+from .stages import BALANCES, Plan, Stage, check_pipelinable, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +364,8 @@ def to_cpu(obj):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple
+        return type(obj)(*(to_cpu(v) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(v) for v in obj)
     return obj
@@ -455,188 +457,119 @@ def _fit_worker(rank, world, rule, batches, optimizer, local_lr, stages, schedul
                  "stage_busy_s": [s.busy_s for s in all_stats], "stage_wait_s": [s.wait_s for s in all_stats]})
 
 
-# --- the trainer: creditflow train --parallel pipeline ---------------------------------------------
+# --- the strategy: creditflow train --parallel pipeline ------------------------------------------
 
-class _Shape(NamedTuple):
-    shape: tuple
-    num_classes: int
+@register_strategy("pipeline")
+class PipelineStrategy(Strategy):
+    """``--parallel pipeline --stages S``: each process trains one stage of the rule's units.
 
-
-def train_pipeline(cfg, *, resume: bool = False, progress: bool = True, balance: str = "params",
-                   step_hook: Callable[[int, int], None] | None = None, timeout_s: float = 60.0,
-                   profile: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` (``cfg.parallel == "pipeline"``) on ``cfg.stages`` processes; return the summary.
-
-    Writes what :func:`creditflow.train.loop.train` writes (``config.yaml``, ``metrics.jsonl``,
-    ``checkpoint.pt``, ``summary.json``); metrics rows add ``samples_per_second`` and per-stage
-    ``stage_busy_s``/``stage_wait_s``. The checkpoint's ``rule`` is the whole rule's state (it loads
-    into the single-process rule); ``pipeline`` holds every stage's optimizer, scheduler and RNG.
+    Rank 0 feeds the batches, evaluates and writes (the trainer's own code); the checkpoint holds the
+    whole rule (every stage's part gathered) and each stage's optimizer state by parameter name, so
+    a run resumes with another ``--stages`` too (exactly with the same one). Metrics rows add
+    ``samples_per_second`` and per-stage ``stage_busy_s``/``stage_wait_s``.
     """
-    if balance not in BALANCES:
-        raise ValueError(f"unknown balance {balance!r}; available: {', '.join(BALANCES)}")
-    from ..registry import RULES
-    from ..rules.base import BACKWARD_LOCKED, UnitRule
-    from ..train.loop import resolve_device
 
-    if not issubclass(RULES.get(cfg.rule).builder, UnitRule):
-        able = ", ".join(n for n in RULES.available() if issubclass(RULES.get(n).builder, UnitRule))
-        raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: {BACKWARD_LOCKED}; the pipeline runs {able}")
-    device = resolve_device(cfg.device).type
-    args = (cfg.model_dump(mode="json"), resume, progress, balance, step_hook, profile)
-    return launch(_train_worker, cfg.stages, args, backend=cfg.backend, device=device, timeout_s=timeout_s,
-                  role="stage")[0]
+    steps_whole_rule = False
+    balance = "params"
 
+    @classmethod
+    def run(cls, cfg, *, resume=False, progress=True, callbacks=(), timeout_s: float = 60.0):
+        from ..registry import RULES
+        from ..rules.base import BACKWARD_LOCKED, UnitRule
 
-def _train_worker(rank, world, cfg_json, resume, progress, balance, step_hook, profile):
-    from tqdm.auto import tqdm
+        if not issubclass(RULES.get(cfg.rule).builder, UnitRule):
+            able = ", ".join(n for n in RULES.available() if issubclass(RULES.get(n).builder, UnitRule))
+            raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: {BACKWARD_LOCKED}; the pipeline runs {able}")
+        device = resolve_device(cfg.device)
+        args = (cfg.model_dump(mode="json"), resume, progress, list(callbacks))
+        return launch(_stage_main, cfg.stages, args, backend=cfg.backend, device=device, timeout_s=timeout_s,
+                      role="stage", unwrap=EXPECTED_ERRORS)[0]
 
-    from .. import data
-    from ..train.checkpoint import load_checkpoint, save_checkpoint, write_text
-    from ..train.config import RunConfig, dump_yaml
-    from ..train.loop import NonFiniteLoss, build_run, evaluate, make_optimizer, make_scheduler
-    from ..train.metrics import read_jsonl, summarize, write_jsonl, write_summary
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.groups = make_groups()
 
-    cfg = RunConfig.model_validate(cfg_json)
-    device = worker_device()
-    groups = make_groups()
-    out = cfg.out_dir()
-    ckpt_path = out / "checkpoint.pt"
-    splits = meta = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        splits = data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                           val_fraction=cfg.val_fraction, seed=cfg.seed)
-        steps = math.ceil(len(splits.train) / cfg.batch_size)
-        if cfg.max_steps_per_epoch:
-            steps = min(steps, cfg.max_steps_per_epoch)
-        meta = (tuple(splits.shape), splits.num_classes, steps)
-    shape, num_classes, steps = broadcast(meta, groups.control)
-    # Every stage builds the whole rule as the single-process trainer does (same seed, same init).
-    rule = build_run(cfg, _Shape(shape, num_classes), torch.device("cpu"))[0]
+    @property
+    def device(self):
+        return worker_device()
 
-    ckpt = None
-    if rank == 0 and resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, "cpu")
-        if ckpt["config"] != cfg.model_dump(mode="json"):
-            raise ValueError(f"cannot resume {out}: its config differs from this one; "
-                             "use the saved config.yaml or another --out")
-        log.info("resuming %s at epoch %d", out, ckpt["epoch"] + 1)
-    elif rank == 0 and resume:
-        log.info("nothing to resume in %s; starting fresh", out)
-    ckpt = broadcast(ckpt, groups.control)
-    if ckpt is not None:
-        rule.load_state_dict(ckpt["rule"])
-    if rank == 0:
-        plan = make_plan(rule, world, balance, cfg.batch_size, device)
-        if ckpt is not None:  # the optimizer states are per stage: keep the saved split
-            parts = [range(*r) for r in ckpt["pipeline"]["stages"]]
-            if len(parts) == world:
-                plan = plan._replace(stages=parts, inputs=_inputs_for(rule, parts))
-        for line in plan.describe(rule):
-            log.info("%s", line)
-    plan = broadcast(plan if rank == 0 else None, groups.control)
-    eval_rule = copy.deepcopy(rule).to(device) if rank == 0 else None
-    base = {n: t.detach().clone() for n, t in rule.state_dict().items()} if rank == 0 else None
-    stage, links = setup_stage(rule, plan, rank, device, groups, cfg.batch_size)
-    param_groups = stage.param_groups(cfg.local_lr)
-    opt = make_optimizer(cfg, param_groups) if param_groups else None  # None: frozen blocks only (Shallow)
-    sched = make_scheduler(cfg, opt) if opt is not None else None
-    start = 0
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if ckpt is not None:
-        saved = ckpt["pipeline"]
-        if saved["num_stages"] != world:
-            raise ValueError(f"cannot resume {out}: it was trained with {saved['num_stages']} stages, "
-                             f"this run has {world}; use --stages {saved['num_stages']}")
-        if opt is not None:
-            opt.load_state_dict(saved["optimizers"][rank])
-        if sched is not None:
-            sched.load_state_dict(saved["schedulers"][rank])
-        torch.set_rng_state(saved["torch_rng"][rank])
-        start = ckpt["epoch"]
-        gen.set_state(ckpt["generator"])
-    runner = Runner(stage, links, cfg.pipeline_schedule, opt, step_hook, profile=profile)
-    runner.global_step = start * steps
+    def load_data(self, load):
+        splits = load() if self.is_main else None
+        info = DataInfo(tuple(splits.shape), splits.num_classes, len(splits.train)) if self.is_main else None
+        return splits, broadcast(info, self.groups.control)
 
-    rows: list[dict[str, Any]] = []
-    augment = None
-    if rank == 0:
-        rows = read_jsonl(out / "metrics.jsonl")[:start]
-        write_text(out / "config.yaml", dump_yaml(cfg))
-        augment = data.augment.build(cfg.augment)
+    def prepare(self, rule, checkpoint):
+        super().prepare(rule, checkpoint)
+        cfg, plan = self.cfg, None
+        if self.is_main:
+            check_pipelinable(rule, self.world_size, cfg.rule)
+            saved = (checkpoint or {}).get("strategy") or {}
+            parts = [range(*r) for r in saved["plan"]] if len(saved.get("plan", ())) == self.world_size else None
+            plan = make_plan(rule, self.world_size, self.balance, cfg.batch_size, self.device, parts=parts)
+            for line in plan.describe(rule):
+                log.info("%s", line)
+            # the fixed tensors (feedback matrices) are the same everywhere; the trained ones come from their stage
+            self.base = {n: t.detach().to("cpu", copy=True) for n, t in rule.state_dict().items()}
+        self.plan = broadcast(plan, self.groups.control)
+        self.stage, self.links = setup_stage(rule, self.plan, self.rank, self.device, self.groups, cfg.batch_size)
 
-    def epoch_batches():
-        for xb, yb in data.batches(splits.train, cfg.batch_size, shuffle=True, generator=gen):
-            x, y = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            yield splits.normalize(augment(x, generator=gen)), y
+    def param_groups(self, rule):
+        return self.stage.param_groups(self.cfg.local_lr)
 
-    for epoch in range(start, cfg.epochs):
-        bar = tqdm(total=steps, desc=f"{cfg.rule} pipeline epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (progress and rank == 0))
-        stats = runner.run_epoch(steps, epoch_batches() if rank == 0 else None)
-        bar.update(steps)
-        bar.close()
-        if sched is not None:
-            sched.step()
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        report = (stage.owned_state(), to_cpu(opt.state_dict()) if opt else None, sched.state_dict() if sched else None,
-                  torch.get_rng_state(), stats, peak)
-        reports = [None] * world if rank == 0 else None
-        dist.gather_object(report, reports, dst=0, group=groups.control)
-        if rank != 0:
-            broadcast(None, groups.control)  # wait here, not on a data channel, while rank 0 evaluates
-            continue
-        states, optims, scheds, rngs, all_stats, peaks = zip(*reports)
-        seen = all_stats[0].seen
-        train_loss = sum(s.loss_sum for s in all_stats) / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, the last good "
-                                f"checkpoint is kept (try a smaller --lr)")
-        correct = next((s.correct for s in all_stats if s.correct is not None), None)
-        seconds = max(s.end for s in all_stats) - all_stats[0].start
-        metrics = {}
+    def needs_batches(self):
+        return self.is_main
+
+    def run_epoch(self, trainer, batches, steps, epoch):
+        runner = Runner(self.stage, self.links, self.cfg.pipeline_schedule, trainer.optimizer,
+                        lambda stage, step: trainer.step_started(step))
+        runner.global_step = trainer.global_step
+        stats = runner.run_epoch(steps, batches)
+        trainer.global_step = runner.global_step - steps
+        trainer.advance(steps)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        reports = self.gather((stats, peak))
+        if not self.is_main:
+            return None
+        all_stats, peaks = zip(*reports)
+        metrics: dict[str, float] = {}
         for s in all_stats:
             metrics.update({n: v / max(s.steps, 1) for n, v in s.metrics.items()})
-        merged = merge_states(base, states)
-        eval_rule.load_state_dict(merged)
-        row = {"epoch": epoch + 1, "train_loss": train_loss,
-               "train_acc": correct / max(seen, 1) if correct is not None else None,
-               "seconds_per_step": seconds / max(steps, 1), "samples_per_second": seen / seconds,
-               "saved_for_backward_bytes": None,
-               "peak_memory_bytes": max(p or 0 for p in peaks) or None,
-               "stage_busy_s": [round(s.busy_s, 4) for s in all_stats],
-               "stage_wait_s": [round(s.wait_s, 4) for s in all_stats],
-               **dict(sorted(metrics.items()))}
-        row["val_acc"] = evaluate(eval_rule.model, splits.val, splits, device, cfg.eval_batch_size)
-        row["test_acc"] = evaluate(eval_rule.model, splits.test, splits, device, cfg.eval_batch_size)
-        row["lr"] = opt.param_groups[0]["lr"] if opt is not None else cfg.lr
-        rows.append(row)
-        save_checkpoint(ckpt_path, {
-            "epoch": epoch + 1, "config": cfg.model_dump(mode="json"), "rule": merged,
-            "optimizer": None, "scheduler": None, "generator": gen.get_state(), "torch_rng": rngs[0],
-            "pipeline": {"num_stages": world, "schedule": cfg.pipeline_schedule,
-                         "stages": [[r.start, r.stop] for r in plan.stages], "balance": plan.balance,
-                         "optimizers": list(optims), "schedulers": list(scheds), "torch_rng": list(rngs)},
-        })
-        write_jsonl(out / "metrics.jsonl", rows)
-        broadcast(None, groups.control)  # epoch done: the stages go on
-        log.info("epoch %d: loss %.4f val %s test %.4f (%.0f samples/s, %d stages)", row["epoch"], train_loss,
-                 row["val_acc"], row["test_acc"], row["samples_per_second"], world)
-    summary = None
-    if rank == 0:
-        summary = summarize(rows, cfg.model_dump(mode="json"))
-        summary["pipeline"] = {"stages": world, "schedule": cfg.pipeline_schedule,
-                               "plan": [[r.start, r.stop] for r in plan.stages]}
-        write_summary(out / "summary.json", summary)
-    # every rank returns it: under torchrun each process is a CLI that reports it
-    return broadcast(summary, groups.control)
+        return EpochTotals(sum(s.loss_sum for s in all_stats), next((s.correct for s in all_stats
+                                                                       if s.correct is not None), None),
+                           all_stats[0].seen, steps, max(s.end for s in all_stats) - all_stats[0].start, metrics,
+                           None, max(p or 0 for p in peaks) or None,
+                           [round(s.busy_s, 4) for s in all_stats], [round(s.wait_s, 4) for s in all_stats])
+
+    def gather(self, obj):
+        reports = [None] * self.world_size if self.is_main else None
+        dist.gather_object(to_cpu(obj), reports, dst=0, group=self.groups.control)
+        return reports
+
+    def share(self, obj):
+        return broadcast(obj, self.groups.control)
+
+    def rule_state(self, rule):
+        parts = self.gather(self.stage.owned_state())
+        if not self.is_main:
+            return None
+        merged = merge_states(self.base, parts)
+        rule.load_state_dict(merged)  # rank 0 evaluates the whole trained network
+        return merged
+
+    def release(self):
+        broadcast(None, self.groups.control)  # wait here, not on a data channel, while rank 0 evaluates
+
+    def describe(self):
+        return {"stages": self.world_size, "schedule": self.cfg.pipeline_schedule,
+                "plan": [[r.start, r.stop] for r in self.plan.stages]}
 
 
-def _inputs_for(rule, parts: Sequence[range]) -> list[list[tuple[int, ...]]]:
-    from .stages import probe_inputs
+def _stage_main(rank, world, cfg_json, resume, progress, callbacks):
+    from ..train.config import RunConfig
 
-    probes, _ = probe_inputs(rule)
-    return [[tuple(t.shape[1:]) for t in probes[r.start]] for r in parts]
+    cfg = RunConfig.model_validate(cfg_json)
+    return Trainer(cfg, PipelineStrategy(cfg), callbacks, progress).fit(resume)
 
 
-__all__ = ["SCHEDULES", "fit", "lag", "train_pipeline"]
+__all__ = ["SCHEDULES", "PipelineStrategy", "fit", "lag"]

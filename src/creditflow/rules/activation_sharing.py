@@ -21,6 +21,7 @@ from ..mechanisms.compact import compact_activations
 from ..mechanisms.feedback import (FeedbackConv2d, FeedbackPolicy, SavedActivation, attach_feedback, feedback_policy,
                                    kp_decay_, learn_feedback, random_like_init)
 from ..mechanisms.local import LinearLocal, freeze
+from ..mechanisms.modes import eval_mode, probe_batch
 from ..registry import register_rule
 from .base import placement, resolve_input_shape
 from .fa import FA
@@ -217,12 +218,10 @@ def _input_shapes(model: nn.Module, layers, input_shape) -> tuple[dict[int, tupl
         calls.append(id(m))
 
     hooks = [m.register_forward_pre_hook(record) for m in layers]
-    was = model.training
     try:
-        model.eval()
-        model(torch.zeros(2, *input_shape, **placement(model)))
+        with eval_mode(model):
+            model(probe_batch(model, input_shape))
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     return shapes, calls

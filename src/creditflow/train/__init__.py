@@ -1,7 +1,6 @@
-"""Training: validated configs, the resumable loop, and rule comparisons."""
+"""Training: validated configs and the one trainer (strategies and callbacks)."""
 
-from .compare import compare
 from .config import CompareConfig, ConfigError, RunConfig
-from .loop import NonFiniteLoss, train
+from .trainer import Callback, NonFiniteLoss, Strategy, Trainer, train
 
-__all__ = ["CompareConfig", "ConfigError", "NonFiniteLoss", "RunConfig", "compare", "train"]
+__all__ = ["Callback", "CompareConfig", "ConfigError", "NonFiniteLoss", "RunConfig", "Strategy", "Trainer", "train"]

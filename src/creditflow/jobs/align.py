@@ -1,8 +1,10 @@
 """Train rules from one initialisation and track how their signals align with BP (LAS paper, Fig. 4).
 
-Every rule is built exactly as ``train`` builds it (same seed: same initial weights, same batches);
-at steps 0, ``every``, 2 ``every``, ... and after the last step, :func:`creditflow.diagnostics.measure`
-compares the signal each hidden block receives with BP's gradient on the current batch. Writes
+Every rule trains through the one trainer (same seed: same initial weights, same batches; its run
+folder under ``runs/``) with :class:`AlignmentProbe` attached: at steps 0, ``every``, 2 ``every``, ...
+and after the last step, :func:`creditflow.diagnostics.measure` compares the signal each hidden
+block receives with BP's gradient on the current batch. Test accuracy is the trainer's (at the best
+validation epoch). Writes
 ``alignment.jsonl`` (one line per rule, measurement and block), ``alignment.csv``, ``summary.json``,
 ``config.yaml`` and the plots ``alignment.{png,svg}`` (cosine per block against the step, one line
 per rule) and, when a rule has feedback matrices, ``alignment-weights.{png,svg}``.
@@ -15,21 +17,20 @@ import io
 import json
 import logging
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from pydantic import Field, field_validator
-from tqdm.auto import tqdm
 
 from .. import data
 from ..diagnostics import measure
 from ..rules import parse_spec as parse_rule_spec
-from .checkpoint import atomic_write, write_json, write_text
-from .config import RunConfig
-from .loop import NonFiniteLoss, build_run, evaluate, resolve_device
+from ..train.checkpoint import atomic_write, write_json, write_text
+from ..train.config import RunConfig
+from ..train.trainer import Callback, DataInfo, build_rule, resolve_device, train
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,11 @@ class AlignConfig(RunConfig):
         return Path(self.out or f"runs/align-{self.dataset}")
 
     def run(self, spec: str) -> RunConfig:
-        """The run of one rule: ``rule_options`` for every rule, then the spec's own options."""
+        """The run of one rule: ``rule_options`` for every rule, then the spec's own options; its own folder."""
         name, options = parse_rule_spec(spec)
         fields = self.model_dump(exclude={"rules", "every", "plot", "out", "rule", "rule_options"})
-        return RunConfig(**fields, rule=name, rule_options={**self.rule_options, **options},
-                         out=str(self.out_dir()))
+        folder = self.out_dir() / "runs" / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
+        return RunConfig(**fields, rule=name, rule_options={**self.rule_options, **options}, out=str(folder))
 
 
 def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -84,15 +85,16 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     splits = data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                        val_fraction=cfg.val_fraction, seed=cfg.seed)
+    info = DataInfo(tuple(splits.shape), splits.num_classes, len(splits.train))
     for spec in cfg.rules:  # bad rule options fail now, not after the first rule has trained
-        build_run(cfg.run(spec), splits, device)
+        build_rule(cfg.run(spec), info, device)
     out.mkdir(parents=True, exist_ok=True)
     config = cfg.model_dump(mode="json", exclude={"rule"})  # `rules` says which
     write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"config": config, "rules": {}}
     for spec in cfg.rules:
-        rule_rows, test_acc = train_and_measure(spec, cfg, splits, device, progress)
+        rule_rows, test_acc = train_and_measure(spec, cfg, progress)
         rows += rule_rows
         summary["rules"][spec] = summarize(rule_rows, test_acc)
         write_results(out, rows, summary)  # after each rule: a killed run keeps the finished ones
@@ -103,50 +105,40 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def train_and_measure(spec: str, cfg: AlignConfig, splits, device, progress: bool):
-    run = cfg.run(spec)
-    rule, opt, sched = build_run(run, splits, device)
-    augment = data.augment.build(cfg.augment)
-    gen = torch.Generator().manual_seed(cfg.seed)  # the same batches for every rule
-    steps = math.ceil(len(splits.train) / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    rows: list[dict[str, Any]] = []
-    step = 0
-    test_acc = None
-    x = y = None
-    for epoch in range(1, cfg.epochs + 1):
-        rule.train()
-        loss_sum = torch.zeros((), device=device)
-        seen = 0
-        bar = tqdm(total=steps, desc=f"{spec} epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress)
-        for n, (xb, yb) in enumerate(data.batches(splits.train, cfg.batch_size, shuffle=True, generator=gen)):
-            if n == steps:
-                break
-            x, y = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            x = splits.normalize(augment(x, generator=gen))
-            if step % cfg.every == 0:
-                rows += records(spec, epoch, step, measure(rule, x, y))
-            result = rule.step(x, y)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss_sum += result.loss * len(y)  # on device: no sync per step
-            seen += len(y)
-            step += 1
-            bar.update()
-        bar.close()
-        if sched is not None:
-            sched.step()
-        train_loss = loss_sum.item() / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(f"{spec}, epoch {epoch}: training loss is {train_loss}; try a smaller --lr")
-        test_acc = evaluate(rule.model, splits.test, splits, device, cfg.eval_batch_size)
-        last = {r["block"]: r["cosine"] for r in rows if r["step"] == rows[-1]["step"]} if rows else {}
-        log.info("%s epoch %d: loss %.4f test %s cosine %s", spec, epoch, train_loss, fmt(test_acc),
+class AlignmentProbe(Callback):
+    """The trainer's callback of this job: before steps 0, ``every``, 2 ``every``, ... it compares the
+    signal each hidden block receives with BP's gradient on that step's batch, and once more after
+    the last step (the trained network, on the last batch)."""
+
+    def __init__(self, spec: str, every: int):
+        self.spec, self.every = spec, every
+        self.rows: list[dict[str, Any]] = []
+        self.epoch, self.last = 1, None
+
+    def on_epoch_start(self, trainer, epoch):
+        self.epoch = epoch + 1
+
+    def around_step(self, trainer, step, x, y, run):
+        if step % self.every == 0:
+            self.rows += records(self.spec, self.epoch, step, measure(trainer.rule, x, y))
+        self.last = (x, y)
+        return run()
+
+    def on_epoch_end(self, trainer, row):
+        last = {r["block"]: r["cosine"] for r in self.rows if r["step"] == self.rows[-1]["step"]} if self.rows else {}
+        log.info("%s epoch %d: test %s cosine %s", self.spec, row["epoch"], fmt(row["test_acc"]),
                  " ".join(f"block{b} {fmt(c)}" for b, c in last.items()))
-    if x is not None:  # the trained network too (step = number of updates), on the last batch
-        rows += records(spec, cfg.epochs, step, measure(rule, x, y))
-    return rows, test_acc
+
+    def on_fit_end(self, trainer, summary):
+        if self.last is not None:  # step = number of updates
+            self.rows += records(self.spec, trainer.cfg.epochs, trainer.global_step, measure(trainer.rule, *self.last))
+
+
+def train_and_measure(spec: str, cfg: AlignConfig, progress: bool):
+    """One rule through the trainer (its own run folder under ``out/runs/``) with the probe attached."""
+    probe = AlignmentProbe(spec, cfg.every)
+    summary = train(cfg.run(spec), progress=progress, callbacks=[probe])
+    return probe.rows, summary["test_acc"]
 
 
 def records(spec: str, epoch: int, step: int, result) -> list[dict[str, Any]]:

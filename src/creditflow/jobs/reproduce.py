@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -22,10 +21,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import data
-from .checkpoint import write_json, write_text
-from .config import RunConfig, validate
-from .loop import train
-from .metrics import read_jsonl
+from ..train.checkpoint import write_json, write_text
+from ..train.config import RunConfig, validate
+from ..train.metrics import read_jsonl
+from ..train.trainer import train
+from .report import fmt, fmt_mean_std, markdown_row, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Extra(BaseModel):
     ``source: metrics``: the value of ``key`` (e.g. AL's ``assoc_loss/2``, or ``train_acc``) in the
     run's ``metrics.jsonl`` row of the selected epoch (the best validation epoch, as the accuracy).
     ``source: analysis``: ``key`` (``ratio``, ``inter`` or ``intra``) of every layer, from
-    :func:`creditflow.train.analyze.analyze` run on the finished run with the budget's
+    :func:`creditflow.jobs.analyze.analyze` run on the finished run with the budget's
     ``<budget>_analysis`` options (a table per cell, one row per layer position).
     """
 
@@ -228,10 +228,6 @@ def run_extras(preset: Preset, cfg: RunConfig, summary: dict[str, Any], opts: Re
     return out
 
 
-def paper_number(value: float | None, fmt: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
 def budget_notes(preset: Preset, budget: str) -> str:
     """The budget's per-cell overrides and model options, as report text (empty when there are none)."""
     overrides = (preset.budgets.get("quick_overrides", {}) if budget == "quick"
@@ -255,8 +251,7 @@ def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -
         + budget_notes(preset, opts.budget)
         + ". Each run's resolved config is in `<cell>/<rule>/seed<k>/config.yaml`.",
         "",
-        "| cell | " + " | ".join(preset.rules) + " |",
-        "|---|" + "---|" * len(preset.rules),
+        *markdown_table(["cell", *preset.rules], []),
     ]
     notes = []
     for cell in preset.cells:
@@ -264,8 +259,8 @@ def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -
         if entry is None:
             continue
         if "skipped" in entry:
-            lines.append(f"| {cell.id} | " + " | ".join(
-                f"skipped ({paper_number(cell.paper[r])})" if r in cell.paper else "–" for r in preset.rules) + " |")
+            lines.append(markdown_row([cell.id, *(f"skipped ({fmt(cell.paper[r], '.4f')})" if r in cell.paper else "–"
+                                                  for r in preset.rules)]))
             notes.append(f"- `{cell.id}` skipped: {entry['skipped']}")
             continue
         cells = []
@@ -274,23 +269,13 @@ def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -
             if not runs:
                 cells.append("–")
                 continue
-            accs = [s["test_acc"] for s in runs]
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            cells.append(f"{statistics.fmean(accs):.4f} ± {std:.4f} ({paper_number(cell.paper[r])})")
-        lines.append(f"| {cell.id} | " + " | ".join(cells) + " |")
+            cells.append(f"{fmt_mean_std(s['test_acc'] for s in runs)} ({fmt(cell.paper[r], '.4f')})")
+        lines.append(markdown_row([cell.id, *cells]))
     for extra in preset.extras:
         lines += ["", *extra_report(preset, extra, results)]
     if notes:
         lines += ["", "Skipped cells:", *notes]
     return "\n".join(lines) + "\n"
-
-
-def mean_std(values: list[float | None]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4g} ± {std:.2g}"
 
 
 def extra_report(preset: Preset, extra: Extra, results: dict[str, Any]) -> list[str]:
@@ -299,7 +284,7 @@ def extra_report(preset: Preset, extra: Extra, results: dict[str, Any]) -> list[
            if "summaries" in results["cells"].get(cell.id, {})]
     if extra.source == "metrics":
         lines = [f"{extra.title}: ours at the selected epoch, mean ± std over seeds (the paper's number in "
-                 "brackets).", "", "| cell | " + " | ".join(preset.rules) + " |", "|---|" + "---|" * len(preset.rules)]
+                 "brackets).", "", *markdown_table(["cell", *preset.rules], [])]
         for cell, summaries in ran:
             paper = extra.paper.get(cell.id, {})
             row = []
@@ -308,9 +293,9 @@ def extra_report(preset: Preset, extra: Extra, results: dict[str, Any]) -> list[
                 if not runs:
                     row.append("–")
                     continue
-                ours = mean_std([s.get("metrics", {}).get(extra.key) for s in runs])
-                row.append(f"{ours} ({paper_number(paper[r], '.4g')})" if r in paper else ours)
-            lines.append(f"| {cell.id} | " + " | ".join(row) + " |")
+                ours = fmt_mean_std((s.get("metrics", {}).get(extra.key) for s in runs), ".4g", ".2g")
+                row.append(f"{ours} ({fmt(paper[r], '.4g')})" if r in paper else ours)
+            lines.append(markdown_row([cell.id, *row]))
         return lines
     lines = [f"{extra.title}: `{extra.key}` of each layer's features (`creditflow analyze`), mean ± std over "
              "seeds; layers in forward order, `input` first, each column's layers lined up with the deepest "
@@ -319,7 +304,7 @@ def extra_report(preset: Preset, extra: Extra, results: dict[str, Any]) -> list[
         columns = [r for r in preset.rules if summaries.get(r)]
         ref = max(columns, key=lambda r: len(summaries[r][0].get("layers", [])))  # the deepest column sets the rows
         depth = len(summaries[ref][0].get("layers", []))
-        lines += ["", f"`{cell.id}`:", "", "| # | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += ["", f"`{cell.id}`:", "", *markdown_table(["#", *columns], [])]
         rows = {r: align_layers(summaries[ref][0].get("layers", []), summaries[r][0].get("layers", []))
                 for r in columns}
         for i in range(depth):
@@ -327,10 +312,11 @@ def extra_report(preset: Preset, extra: Extra, results: dict[str, Any]) -> list[
             for r in columns:
                 j = rows[r].get(i)
                 layers = [] if j is None else [s["layers"][j] for s in summaries[r] if j < len(s.get("layers", []))]
-                row.append(f"{mean_std([x[extra.key] for x in layers])} ({layers[0]['layer']})" if layers else "–")
-            lines.append(f"| {i} | " + " | ".join(row) + " |")
+                row.append(f"{fmt_mean_std((x[extra.key] for x in layers), '.4g', '.2g')} ({layers[0]['layer']})"
+                           if layers else "–")
+            lines.append(markdown_row([i, *row]))
         if paper := extra.paper.get(cell.id):
-            lines.append("| paper | " + " | ".join(paper_number(paper.get(r), ".4g") for r in columns) + " |")
+            lines.append(markdown_row(["paper", *(fmt(paper.get(r), ".4g") for r in columns)]))
     return lines
 
 

@@ -18,11 +18,8 @@ Tables 5 and 6: last-epoch loss per layer and accuracy against the number of lay
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -33,13 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from .. import data
-from ..diagnostics.representations import (balanced_subset, class_statistics, figure_class, plot_tsne,
-                                           require_sklearn, tsne_embedding)
-from .align import save_figure
-from .checkpoint import load_checkpoint, write_json, write_text
-from .config import ConfigError, RunConfig, validate
-from .loop import build_run, resolve_device
-from .metrics import read_jsonl
+from ..diagnostics.representations import balanced_subset, class_statistics, plot_tsne, require_sklearn, tsne_embedding
+from ..train.checkpoint import load_checkpoint, write_json, write_text
+from ..train.config import ConfigError, RunConfig, validate
+from ..train.metrics import read_jsonl
+from ..train.trainer import build_run, resolve_device
+from .report import csv_text, figure_class, finite, fmt, markdown_row, markdown_table, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +116,6 @@ def plot_metric_family(family: str, series: dict[int, list[tuple[int, float]]]):
     return fig
 
 
-def finite(v: float | None) -> float | None:
-    return v if v is not None and math.isfinite(v) else None  # JSON has no NaN
-
-
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "layer"
 
@@ -184,15 +176,13 @@ def analyze(run_dir: str | Path, opts: AnalyzeOptions | None = None, *, progress
 def run_tsne(stats, opts: AnalyzeOptions, out: Path, class_names, num_classes: int) -> dict[str, Any]:
     labels = stats.kept_labels
     panels, perplexity = [], None
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["layer", "label", "x", "y"])
     for name, z in stats.kept.items():
         log.info("t-SNE of %s: %d points, %d features", name, len(z), z.shape[1])
         points, perplexity = tsne_embedding(z, perplexity=opts.perplexity, seed=opts.seed)
         panels.append((name, points))
-        writer.writerows([name, int(k), float(px), float(py)] for k, (px, py) in zip(labels.tolist(), points))
-    write_text(out / "tsne.csv", buf.getvalue())
+    write_text(out / "tsne.csv", csv_text(["layer", "label", "x", "y"], (
+        [name, int(k), float(px), float(py)] for name, points in panels
+        for k, (px, py) in zip(labels.tolist(), points))))
     figures = []
     if opts.plot:
         ratios = {name: d.ratio for name, d in stats.distances.items()}
@@ -207,17 +197,9 @@ def run_tsne(stats, opts: AnalyzeOptions, out: Path, class_names, num_classes: i
 
 
 def distances_csv(result: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["layer", "dim", "samples", "inter", "intra", "ratio"])
-    for r in result["layers"]:
-        writer.writerow([r["layer"], r["dim"], result["samples"],
-                         *("" if r[k] is None else r[k] for k in ("inter", "intra", "ratio"))])
-    return buf.getvalue()
-
-
-def fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
+    return csv_text(["layer", "dim", "samples", "inter", "intra", "ratio"],  # None: an empty cell
+                    ([r["layer"], r["dim"], result["samples"], r["inter"], r["intra"], r["ratio"]]
+                     for r in result["layers"]))
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -226,26 +208,25 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"test acc {fmt(result['test_acc'])}", "",
              f"Class distances of each layer's features ({result['samples']} {result['split']} samples, "
              f"{result['classes']} classes; AL paper Table 7):", "",
-             "| layer | dim | inter-class | intra-class | inter/intra |", "|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['dim']} | {fmt(r['inter'])} | {fmt(r['intra'])} | {fmt(r['ratio'])} |"
-              for r in result["layers"]]
+             *markdown_table(["layer", "dim", "inter-class", "intra-class", "inter/intra"],
+                             ([r["layer"], r["dim"], fmt(r["inter"]), fmt(r["intra"]), fmt(r["ratio"])]
+                              for r in result["layers"]))]
     families = result["metric_families"]
     if families:
         index = sorted({int(i) for f in families.values() for i in f["last"]})  # AL counts components from 1
         lines += ["", "Last epoch of each metric family (AL paper Table 5):", "",
-                  "| metric | " + " | ".join(map(str, index)) + " |", "|---|" + "---|" * len(index)]
-        lines += [f"| {name} | " + " | ".join(fmt(f["last"].get(str(i))) for i in index) + " |"
-                  for name, f in families.items()]
+                  *markdown_table(["metric", *index], ([name, *(fmt(f["last"].get(str(i))) for i in index)]
+                                                       for name, f in families.items()))]
     return "\n".join(lines) + "\n"
 
 
 def runs_markdown(results: list[dict[str, Any]]) -> str:
     """Runs side by side (AL paper Tables 5-6): layers, accuracy, last-epoch metrics, last layer's ratio."""
-    header = "| | " + " | ".join(Path(r["run"]).name for r in results) + " |"
-    lines = ["Runs side by side (AL paper Tables 5 and 6):", "", header, "|---|" + "---|" * len(results)]
+    lines = ["Runs side by side (AL paper Tables 5 and 6):", "",
+             *markdown_table(["", *(Path(r["run"]).name for r in results)], [])]
 
     def row(label, values):
-        lines.append(f"| {label} | " + " | ".join(values) + " |")
+        lines.append(markdown_row([label, *values]))
 
     row("layers (input excluded)", [str(sum(layer["layer"] != "input" for layer in r["layers"])) for r in results])
     row("train acc (last epoch)", [fmt(r["train_acc"]) for r in results])

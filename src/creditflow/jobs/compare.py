@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from typing import Any
 
-from .checkpoint import write_json, write_text
-from .config import CompareConfig, dump_yaml
-from .loop import train
+from ..train.checkpoint import write_json, write_text
+from ..train.config import CompareConfig, dump_yaml
+from ..train.trainer import train
+from .report import csv_text, fmt, markdown_table, mean_std
 
 
 def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
@@ -26,10 +25,6 @@ def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True) 
     write_text(out / "results.csv", to_csv(rows))
     write_text(out / "results.md", to_markdown(rows, cfg))
     return rows
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def memory(summary: dict[str, Any]) -> int | None:
@@ -59,15 +54,7 @@ def table_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def fmt(value, spec: str, missing: str = "n/a", suffix: str = "") -> str:
-    return missing if value is None else format(value, spec) + suffix
+    return csv_text(list(rows[0]), (r.values() for r in rows))
 
 
 def to_markdown(rows: list[dict[str, Any]], cfg: CompareConfig) -> str:
@@ -77,12 +64,10 @@ def to_markdown(rows: list[dict[str, Any]], cfg: CompareConfig) -> str:
         "Test accuracy at the best validation epoch; memory: the allocator's peak on CUDA, "
         "else activation bytes saved for backward.",
         "",
-        "| rule | test acc (mean ± std) | val acc | ms/step | step time vs BP | memory vs BP |",
-        "|---|---|---|---|---|---|",
+        *markdown_table(
+            ["rule", "test acc (mean ± std)", "val acc", "ms/step", "step time vs BP", "memory vs BP"],
+            ([r["rule"], f"{r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f}", fmt(r["val_acc_mean"], ".4f"),
+              f"{r['ms_per_step']:.2f}", fmt(r["step_time_vs_bp"], ".2f", suffix="x"),
+              fmt(r["memory_vs_bp"], ".2f", suffix="x")] for r in rows)),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['rule']} | {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} | {fmt(r['val_acc_mean'], '.4f')} "
-            f"| {r['ms_per_step']:.2f} | {fmt(r['step_time_vs_bp'], '.2f', suffix='x')} "
-            f"| {fmt(r['memory_vs_bp'], '.2f', suffix='x')} |")
     return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from creditflow.data import sources
-from creditflow.train.reproduce import ReproduceOptions, available, cell_runs, load_preset, reproduce
+from creditflow.jobs.reproduce import ReproduceOptions, available, cell_runs, load_preset, reproduce
 
 TINY_PRESET = """
 name: tiny

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from creditflow.train.reproduce import ReproduceOptions, cell_runs, load_preset, reproduce
+from creditflow.jobs.reproduce import ReproduceOptions, cell_runs, load_preset, reproduce
 
 TINY_AL = """
 name: tiny-al
@@ -144,7 +144,7 @@ def test_matched_mlp_has_the_al_inference_path_s_parameters():
 
 
 def test_layers_line_up_by_feature_size():
-    from creditflow.train.reproduce import align_layers
+    from creditflow.jobs.reproduce import align_layers
 
     al = [{"dim": d} for d in (3072, 32768, 4096, 1280, 256, 256, 10)]  # input, s1, s2, b2.1, b2, h2, h1
     bp = [{"dim": d} for d in (3072, 32768, 4096, 256, 256, 10)]  # the BP twin's bridge is one block
@@ -153,7 +153,7 @@ def test_layers_line_up_by_feature_size():
 
 
 def test_report_names_the_budget_s_overrides_and_model_options():
-    from creditflow.train.reproduce import budget_notes
+    from creditflow.jobs.reproduce import budget_notes
 
     quick = budget_notes(load_preset("al-table-3"), "quick")
     assert "Per-cell overrides: cifar10-resnet20: max_steps_per_epoch=300;" in quick

@@ -1,0 +1,529 @@
+"""The trainer: one loop for every way of running a rule (one process, data parallel, pipeline).
+
+:class:`Trainer` owns what a run writes and when: the run folder, ``config.yaml``, resume,
+``metrics.jsonl`` (one row per epoch, one schema in every mode), the atomic checkpoint, the NaN
+stop and ``summary.json`` (test accuracy at the best *validation* epoch). Where the steps run is a
+:class:`Strategy`: :class:`SingleProcess` here; data parallelism and the pipeline in
+:mod:`creditflow.parallel`, which registers them (this package never imports it). What is
+measured on the side is a :class:`Callback` (progress bar, saved-activation bytes, the alignment
+probe of ``creditflow align``).
+
+Every process of a run runs the same ``Trainer.fit``; the strategy says which is the main one
+(rank 0: it evaluates and writes) and moves what must cross processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import data, models, rules
+from ..diagnostics import saved_tensor_bytes
+from .checkpoint import load_checkpoint, save_checkpoint, write_text
+from .config import RunConfig, dump_yaml
+from .metrics import read_jsonl, summarize, write_jsonl, write_summary
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+#: failures the CLI reports in one line, from any process of a run
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NonFiniteLoss)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    """``params``: tensors or param groups (``rule.param_groups``)."""
+    params = list(params)
+    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    # The fused kernels do the same update in one pass; on CPU PyTorch's default is a per-tensor
+    # loop that costs as much as DFA's whole backward on an MLP (docs/benchmarks.md).
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in tensors)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=fused)
+
+
+def make_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None
+
+
+class DataInfo(NamedTuple):
+    """What every process needs of the data, including one that never reads a batch."""
+
+    shape: tuple[int, ...]
+    num_classes: int
+    train_size: int
+
+
+def build_rule(cfg: RunConfig, info, device: torch.device):
+    """The model and rule of ``cfg``, seeded: every process (and every resume) builds the same init."""
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, input_shape=info.shape, num_classes=info.num_classes, **cfg.model_options)
+    return rules.build(cfg.rule, model, info.num_classes, **cfg.rule_arguments()).to(device)
+
+
+def build_run(cfg: RunConfig, info, device: torch.device):
+    """Rule, optimizer and scheduler of ``cfg`` in one process."""
+    rule = build_rule(cfg, info, device)
+    opt = make_optimizer(cfg, rule.param_groups(local_lr=cfg.local_lr))
+    return rule, opt, make_scheduler(cfg, opt)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, imageset, splits, device, batch_size: int) -> float | None:
+    if len(imageset) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for xb, yb in data.batches(imageset, batch_size, shuffle=False):
+        x = splits.normalize(xb.to(device, non_blocking=True))
+        correct += (model(x).argmax(-1) == yb.to(device)).sum()
+    model.train(was_training)
+    return correct.item() / len(imageset)
+
+
+class EpochTotals(NamedTuple):
+    """One epoch over every process (what the main process writes into the metrics row)."""
+
+    loss_sum: float  # sum over samples of the step loss
+    correct: int | None  # right training predictions (at each step's weights), if anyone saw them
+    seen: int
+    steps: int
+    seconds: float
+    metrics: dict[str, float]  # rule.step_metrics() averaged over steps
+    saved_for_backward_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+    stage_busy_s: list[float] | None = None  # pipeline: per stage
+    stage_wait_s: list[float] | None = None
+
+
+class Callback:
+    """What is measured beside training. Every hook is optional; they run in every process."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        """Before each step, in every process (``step``: the run's global step; tests kill a process here)."""
+
+    def around_step(self, trainer: Trainer, step: int, x, y, run: Callable[[], Any]) -> Any:
+        """Wrap one ``rule.step`` (one-process strategies): measure around it, return ``run()``."""
+        return run()
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
+
+    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any] | None) -> None: ...
+
+
+class SavedActivations(Callback):
+    """Bytes the step saves for backward, measured on the first step of each epoch (the hooks cost time)."""
+
+    def __init__(self):
+        self.value: int | None = None
+
+    def on_epoch_start(self, trainer, epoch):
+        self.value = None
+
+    def around_step(self, trainer, step, x, y, run):
+        if self.value is not None:
+            return run()
+        held = {}
+        self.value = saved_tensor_bytes(lambda: held.setdefault("out", run()), exclude=trainer.rule)
+        return held["out"]
+
+
+class Strategy:
+    """Where the steps of one run happen, seen from one process. :class:`SingleProcess` is the base."""
+
+    name = "none"
+    #: callbacks' ``around_step`` wraps ``rule.step`` in this process (not for the pipeline)
+    steps_whole_rule = True
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.rank, self.world_size = 0, 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def run(cls, cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+            callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
+        """Start the run (spawning processes if the strategy needs them); the main process's summary."""
+        return Trainer(cfg, cls(cfg), callbacks, progress).fit(resume)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.cfg.device)
+
+    def load_data(self, load: Callable[[], Any]):
+        """``(splits or None, DataInfo)``: the data where batches or evaluation need it."""
+        splits = load()
+        return splits, DataInfo(tuple(splits.shape), splits.num_classes, len(splits.train))
+
+    def prepare(self, rule, checkpoint: dict | None) -> None:
+        """After the rule is built (and the checkpoint's weights loaded): what this process runs."""
+        self.rule = rule
+
+    def param_groups(self, rule) -> list[dict]:
+        """The optimizer groups of the tensors this process steps."""
+        return rule.param_groups(local_lr=self.cfg.local_lr)
+
+    def needs_batches(self) -> bool:
+        return True
+
+    # -- every epoch ----------------------------------------------------------------------------
+
+    def before_epoch(self, epoch: int) -> None: ...
+
+    def run_epoch(self, trainer: Trainer, batches: Iterator | None, steps: int, epoch: int) -> EpochTotals | None:
+        """Train one epoch; the totals over every process on the main one (None elsewhere)."""
+        rule, opt, device = trainer.rule, trainer.optimizer, trainer.device
+        rule.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = n = 0
+        extra: dict[str, torch.Tensor] = {}  # rule.step_metrics(), summed on device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for x, y in batches:
+            if n == steps:
+                break
+            if (part := self.shard(x, y)) is None:
+                continue  # a last batch smaller than the number of ranks: skipped on every rank
+            x, y = part
+            out = trainer.step(n, x, y)
+            self.after_step()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum += out.loss * len(y)  # kept on device: no sync in the hot loop
+            correct += (out.logits.argmax(-1) == y).sum()
+            for name, value in rule.step_metrics().items():
+                extra[name] = extra.get(name, 0) + value.detach().float()
+            seen += len(y)
+            n += 1
+            trainer.advance()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        loss, hits, seen, extra = self.totals(loss_sum, correct, seen, extra)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return EpochTotals(loss.item(), int(hits.item()), seen, n, seconds,
+                           {k: v.item() / max(n, 1) for k, v in extra.items()},
+                           trainer.saved_bytes(), peak)
+
+    def shard(self, x, y):
+        return x, y
+
+    def after_step(self) -> None:
+        """After ``rule.step`` filled ``.grad``, before the optimizer (DDP averages gradients here)."""
+
+    def totals(self, loss_sum, correct, seen, extra):
+        return loss_sum, correct, seen, extra
+
+    def after_epoch(self) -> None:
+        """Before the main process evaluates (DDP: BatchNorm statistics agree on every rank)."""
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every process's ``obj`` on the main one, in rank order (None elsewhere)."""
+        return [obj]
+
+    def share(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process."""
+        return obj
+
+    def rule_state(self, rule) -> dict[str, torch.Tensor] | None:
+        """The whole rule's state on the main process (the pipeline gathers every stage's part)."""
+        return rule.state_dict()
+
+    def release(self) -> None:
+        """Called by every process after the main one has written an epoch's files."""
+
+    def describe(self) -> dict[str, Any] | None:
+        """What the summary records of how the run was split (None: one process)."""
+        return None
+
+
+class SingleProcess(Strategy):
+    """One process, the whole rule."""
+
+
+#: ``cfg.parallel`` -> strategy; :mod:`creditflow.parallel` adds ``ddp`` and ``pipeline``
+STRATEGIES: dict[str, type[Strategy]] = {"none": SingleProcess}
+
+
+def register_strategy(name: str):
+    def decorate(cls):
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+    return decorate
+
+
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+          callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
+    """Train ``cfg`` to the end (or continue it with ``resume``) and return the summary."""
+    if cfg.parallel not in STRATEGIES:
+        import creditflow.parallel  # noqa: F401  (registers ddp and pipeline; import creditflow does it too)
+    return STRATEGIES[cfg.parallel].run(cfg, resume=resume, progress=progress, callbacks=callbacks)
+
+
+class Trainer:
+    """One process's side of a run: ``Trainer(cfg, strategy).fit(resume)``."""
+
+    def __init__(self, cfg: RunConfig, strategy: Strategy, callbacks: Sequence[Callback] = (),
+                 progress: bool = True):
+        self.cfg, self.strategy = cfg, strategy
+        self.memory = SavedActivations() if strategy.steps_whole_rule else None
+        self.callbacks = [*([self.memory] if self.memory else []), *callbacks]
+        self.progress = progress and strategy.is_main
+        self.rule = self.optimizer = self.scheduler = None
+        self.global_step = 0
+        self._bar = None
+
+    # -- what strategies call ---------------------------------------------------------------------
+
+    def step_started(self, step: int | None = None) -> None:
+        """Callbacks' ``on_step_start``; ``step``: the global step, where a strategy counts them itself."""
+        if step is not None:
+            self.global_step = step
+        for cb in self.callbacks:
+            cb.on_step_start(self, self.global_step)
+
+    def step(self, n: int, x, y):
+        """One ``rule.step`` on this process's batch, through every callback's ``around_step``."""
+        self.step_started()
+        run = lambda: self.rule.step(x, y)  # noqa: E731
+        for cb in reversed(self.callbacks):
+            run = (lambda cb=cb, inner=run: cb.around_step(self, self.global_step, x, y, inner))
+        return run()
+
+    def advance(self, steps: int = 1) -> None:
+        self.global_step += steps
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def saved_bytes(self) -> int | None:
+        return self.memory.value if self.memory is not None else None
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> dict[str, Any] | None:
+        cfg, strategy = self.cfg, self.strategy
+        main = strategy.is_main
+        out = cfg.out_dir()
+        ckpt_path = out / "checkpoint.pt"
+        self.device = strategy.device
+        splits, info = strategy.load_data(lambda: data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                                                            val_fraction=cfg.val_fraction, seed=cfg.seed))
+        self.splits = splits
+        rule = self.rule = build_rule(cfg, info, self.device)
+        ckpt = None
+        if main and resume and ckpt_path.exists():
+            ckpt = load_checkpoint(ckpt_path, "cpu")
+            check_resumable(ckpt["config"], cfg, out)
+        elif main and resume:
+            log.info("nothing to resume in %s; starting fresh", out)
+        ckpt = strategy.share(ckpt)  # rank 0 reads, every process resumes
+        if ckpt is not None:
+            rule.load_state_dict(ckpt["rule"])
+        strategy.prepare(rule, ckpt)
+        groups = strategy.param_groups(rule)
+        self.optimizer = make_optimizer(cfg, groups) if groups else None  # None: frozen units only
+        self.scheduler = make_scheduler(cfg, self.optimizer) if self.optimizer is not None else None
+        gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation, saved in checkpoints
+        start, rows = 0, []
+        if ckpt is not None:
+            self._load_process_state(ckpt, strategy.rank)
+            gen.set_state(ckpt["generator"])
+            start = ckpt["epoch"]
+            # a kill between the metrics and the checkpoint leaves a row the checkpoint never saw
+            rows = read_jsonl(out / "metrics.jsonl")[:start] if main else []
+            if main:
+                log.info("resuming %s at epoch %d", out, start + 1)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(out / "config.yaml", dump_yaml(cfg))
+        steps = math.ceil(info.train_size / cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        self.global_step = start * steps
+        augment = data.augment.build(cfg.augment)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+
+        def epoch_batches():
+            for xb, yb in data.batches(splits.train, cfg.batch_size, shuffle=True, generator=gen):
+                x, y = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+                x = augment(x, generator=gen)  # the whole batch: every rank draws the same augmentation
+                yield splits.normalize(x), y
+
+        for epoch in range(start, cfg.epochs):
+            strategy.before_epoch(epoch)
+            for cb in self.callbacks:
+                cb.on_epoch_start(self, epoch)
+            self._bar = tqdm(total=steps, desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                             disable=not self.progress)
+            totals = strategy.run_epoch(self, epoch_batches() if strategy.needs_batches() else None, steps, epoch)
+            self._bar.close()
+            self._bar = None
+            if self.scheduler is not None:
+                self.scheduler.step()
+            strategy.after_epoch()
+            state = self._process_state()
+            states = strategy.gather(state)
+            rule_state = strategy.rule_state(rule)
+            if not main:
+                strategy.release()
+                continue
+            row = self._row(epoch, totals)
+            rows.append(row)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, row)
+            # metrics first: a kill before the checkpoint is renamed in leaves an extra row that
+            # resume drops; the other order would lose the row of the epoch the checkpoint holds
+            write_jsonl(out / "metrics.jsonl", rows)
+            save_checkpoint(ckpt_path, {
+                "epoch": epoch + 1, "config": cfg.model_dump(mode="json"), "rule": rule_state,
+                "generator": gen.get_state(), "processes": states, "strategy": strategy.describe(),
+            })
+            strategy.release()
+            log.info("epoch %d: loss %.4f train %s val %s test %s", row["epoch"], row["train_loss"],
+                     _fmt(row["train_acc"]), _fmt(row["val_acc"]), _fmt(row["test_acc"]))
+        summary = None
+        if main:
+            summary = summarize(rows, cfg.model_dump(mode="json"))
+            if strategy.describe() is not None:
+                summary[strategy.name] = strategy.describe()
+            write_summary(out / "summary.json", summary)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, summary)
+        return strategy.share(summary)  # every process returns it (torchrun: each is a CLI that reports)
+
+    def _row(self, epoch: int, t: EpochTotals) -> dict[str, Any]:
+        train_loss = t.loss_sum / max(t.seen, 1)
+        if not math.isfinite(train_loss):
+            kept = (f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written")
+            raise NonFiniteLoss(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {kept} "
+                                "(try a smaller --lr)")
+        model = self.rule.model
+        row = {"epoch": epoch + 1, "train_loss": train_loss,
+               "train_acc": t.correct / max(t.seen, 1) if t.correct is not None else None,
+               "seconds_per_step": t.seconds / max(t.steps, 1),
+               "samples_per_second": t.seen / t.seconds if t.seconds > 0 else None,
+               "saved_for_backward_bytes": t.saved_for_backward_bytes, "peak_memory_bytes": t.peak_memory_bytes,
+               "stage_busy_s": t.stage_busy_s, "stage_wait_s": t.stage_wait_s,
+               **dict(sorted(t.metrics.items()))}
+        row["val_acc"] = evaluate(model, self.splits.val, self.splits, self.device, self.cfg.eval_batch_size)
+        row["test_acc"] = evaluate(model, self.splits.test, self.splits, self.device, self.cfg.eval_batch_size)
+        row["lr"] = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.cfg.lr
+        return row
+
+    # -- per-process state: optimizer (by parameter name), scheduler, RNG ----------------------------
+
+    def _names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.rule.named_parameters()}
+
+    def _process_state(self) -> dict[str, Any]:
+        opt = None
+        if self.optimizer is not None:
+            opt = named_optimizer_state(self.optimizer, self._names())
+        return {"optimizer": opt, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
+    def _load_process_state(self, ckpt: dict, rank: int) -> None:
+        states = ckpt["processes"]
+        mine = states[rank] if len(states) > rank else states[0]
+        if self.optimizer is not None:
+            # every process's optimizer state, by parameter name: a split that differs from the
+            # saved one (another --stages) still finds each tensor's moments
+            saved = [s["optimizer"] for s in states if s["optimizer"] is not None]
+            named = {k: v for s in saved for k, v in s["state"].items()}
+            groups = {"groups": [g for s in saved for g in s["groups"]]}
+            load_named_optimizer_state(self.optimizer, named, groups, self._names())
+        if self.scheduler is not None and mine["scheduler"] is not None:
+            self.scheduler.load_state_dict(mine["scheduler"])
+        if rank < len(states):  # its own random stream (another split: rank 0's at least)
+            torch.set_rng_state(mine["torch_rng"])
+            if mine.get("cuda_rng") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+
+
+#: config keys that say where a run's work happens, not what it computes: a run resumes across them
+PLACEMENT_KEYS = frozenset({"stages", "backend"})
+
+
+def check_resumable(saved: dict[str, Any], cfg: RunConfig, out) -> None:
+    """One-line ValueError naming the keys in which ``cfg`` differs from the run saved in ``out``."""
+    now = cfg.model_dump(mode="json")
+    keys = sorted(k for k in saved.keys() | now.keys() if k not in PLACEMENT_KEYS and saved.get(k) != now.get(k))
+    if keys:
+        diff = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys)
+        raise ValueError(f"cannot resume {out}: its config differs in {diff}; use the saved config.yaml "
+                         "or another --out")
+
+
+def named_optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
+    """``opt.state_dict()`` keyed by parameter name: ``{"state": {name: ...}, "groups": [hyperparameters]}``."""
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {names[id(params[i])]: v for i, v in sd["state"].items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "names": [names[id(params[i])] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return {"state": state, "groups": groups}
+
+
+def load_named_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any], saved: dict[str, Any] | None,
+                               names: dict[int, str]) -> None:
+    """Load per-parameter state by name into ``opt`` (whose groups may hold other parameters than
+    the saved ones); each group takes the hyperparameters of the saved group holding its first tensor."""
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sd["state"] = {i: state[names[id(p)]] for i, p in enumerate(params) if names[id(p)] in state}
+    if saved is not None:
+        for g in sd["param_groups"]:
+            first = names[id(params[g["params"][0]])]
+            source = next((s for s in saved["groups"] if first in s["names"]), None)
+            if source is not None:
+                g.update({k: v for k, v in source.items() if k != "names"})
+    opt.load_state_dict(sd)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+__all__ = ["Callback", "DataInfo", "EXPECTED_ERRORS", "EpochTotals", "NonFiniteLoss", "STRATEGIES", "SingleProcess", "Strategy",
+           "Trainer", "build_rule", "build_run", "evaluate", "make_optimizer", "make_scheduler", "register_strategy",
+           "resolve_device", "train"]
