@@ -74,26 +74,6 @@ def test_a_rule_with_backward_locking_is_refused():
 
 # --- two processes -------------------------------------------------------------------------------
 
-def test_sync_pipeline_equals_single_process_al():
-    torch.manual_seed(0)
-    rule = cf.rules.build("al", cf.models.build("al-mlp:20-16-12-8-5"), 5)
-    single, before = copy.deepcopy(rule), copy.deepcopy(rule.state_dict())
-    data = batches(STEPS)
-    adam = functools.partial(torch.optim.Adam, lr=0.01)
-    opt = adam(single.param_groups())
-    correct = 0
-    for x, y in data:
-        correct += (single.step(x, y).logits.argmax(-1) == y).sum().item()
-        opt.step()
-        opt.zero_grad()
-    out = fit(rule, data, stages=2, schedule="sync", optimizer=adam)
-    assert out["correct"] == correct  # decoded through both stages at each step's weights
-    assert out["plan"] == [[0], [1, 2]]  # by parameters: component 1 (the widest) alone
-    assert_same_state(rule.state_dict(), single.state_dict())
-    assert any(not torch.equal(before[n], t) for n, t in rule.state_dict().items())  # it did train
-    assert len(out["losses"]) == STEPS
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One uninterrupted 2-stage sync DFA run on fashion-mnist-mini (2 epochs x 6 steps)."""

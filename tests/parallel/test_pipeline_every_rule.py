@@ -14,7 +14,6 @@ import creditflow as cf
 from creditflow.parallel.pipeline import fit
 from creditflow.parallel.stages import Stage, check_pipelinable, make_plan
 from creditflow.registry import RULES
-from creditflow.rules import UnitRule
 
 CLASSES, STEPS = 5, 4
 CANDIDATES = ("mlp:20-16-16-16-5", "al-mlp:20-16-12-8-5")  # the first one a rule accepts
@@ -45,7 +44,7 @@ def one_process(rule, data, optimizer):
     return correct
 
 
-PIPELINED = [n for n in cf.rules.available() if issubclass(RULES.get(n).builder, UnitRule)]
+PIPELINED = [n for n in cf.rules.available() if RULES.get(n).builder.pipelinable]
 LOCKED = [n for n in cf.rules.available() if n not in PIPELINED]
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..mechanisms.feedback import FeedbackLayer, observe_weight_inputs
 from ..mechanisms.modes import probe_batch
+from ..report import figure_class, fmt, markdown_table, save_figure
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)  # feedback layers are these too
 
@@ -141,7 +142,6 @@ def memory_table(model: str, rules: list[str], batch_size: int = 64, num_classes
 
 
 def to_markdown(rows: list[dict], model: str, batch_size: int) -> str:
-    from ..jobs.report import fmt, markdown_table  # not at the top: jobs import the diagnostics
 
     ref = next((r["rule"] for r in rows if r["rule"] == "bp"), rows[0]["rule"])
     mib = 2.0 ** 20
@@ -161,7 +161,6 @@ def to_markdown(rows: list[dict], model: str, batch_size: int) -> str:
 
 def plot_access(rows: list[dict], model: str, path) -> None:
     """A bar chart of modelled accesses per rule, split into forward and backward (thesis Fig. 6.1)."""
-    from ..jobs.report import figure_class, save_figure  # not at the top: jobs import the diagnostics
 
     names = [r["rule"] for r in rows]
     fwd = [(r["forward_reads"] + r["forward_writes"]) / 1e6 for r in rows]
@@ -185,8 +184,6 @@ def plot_access_across(tables: dict[str, list[dict]], path) -> None:
     a cross marks the total when a trained ``B`` counts too, and a dot the measured
     saved-for-backward ratio, so the two accountings and the measurement read side by side.
     """
-    from ..jobs.report import figure_class, save_figure
-
     models = list(tables)
     rules = [r["rule"] for r in tables[models[0]]]
     width = 0.8 / len(rules)

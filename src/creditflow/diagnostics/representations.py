@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..report import figure_class
+
 __all__ = ["ClassDistances", "ClassStatistics", "DistanceAccumulator", "balanced_subset", "class_distances", "class_statistics",
            "collect_representations", "mean_pairwise_distance", "plot_tsne", "require_sklearn", "tsne_embedding"]
 
@@ -270,7 +272,6 @@ def plot_tsne(panels: Sequence[tuple[str, object]], labels, *, class_names: Sequ
         labels: (n,) class of each point.
         class_names: names in label order, for the legend (shown for up to 20 classes).
     """
-    from ..jobs.report import figure_class  # not at the top: the jobs import this module
 
     Figure = figure_class()
     labels = torch.as_tensor(labels).cpu()

@@ -28,7 +28,8 @@ from pydantic import Field, field_validator
 from .. import data
 from ..diagnostics import measure
 from ..rules import parse_spec as parse_rule_spec
-from ..train.checkpoint import atomic_write, write_json, write_text
+from ..report import figure_class, finite, fmt, save_figure
+from ..train.checkpoint import write_json, write_text
 from ..train.config import RunConfig
 from ..train.trainer import Callback, DataInfo, build_rule, resolve_device, train
 
@@ -80,7 +81,7 @@ class AlignConfig(RunConfig):
 def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train every rule in ``cfg.rules``, measuring alignment; write the results and return the summary."""
     if cfg.plot:
-        pyplot_figure()  # fail before training, not after
+        figure_class("pass --no-plot for the JSONL/CSV only")  # fail before training, not after
     out = cfg.out_dir()
     device = resolve_device(cfg.device)
     splits = data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
@@ -126,8 +127,8 @@ class AlignmentProbe(Callback):
 
     def on_epoch_end(self, trainer, row):
         last = {r["block"]: r["cosine"] for r in self.rows if r["step"] == self.rows[-1]["step"]} if self.rows else {}
-        log.info("%s epoch %d: test %s cosine %s", self.spec, row["epoch"], fmt(row["test_acc"]),
-                 " ".join(f"block{b} {fmt(c)}" for b, c in last.items()))
+        log.info("%s epoch %d: test %s cosine %s", self.spec, row["epoch"], fmt(row["test_acc"], ".3f"),
+                 " ".join(f"block{b} {fmt(c, '.3f')}" for b, c in last.items()))
 
     def on_fit_end(self, trainer, summary):
         if self.last is not None:  # step = number of updates
@@ -142,17 +143,9 @@ def train_and_measure(spec: str, cfg: AlignConfig, progress: bool):
 
 
 def records(spec: str, epoch: int, step: int, result) -> list[dict[str, Any]]:
-    angles = {k: finite_or_none(v) for k, v in result.weight_angle_deg.items()}
-    return [{"rule": spec, "epoch": epoch, "step": step, "block": i, "cosine": finite_or_none(c),
+    angles = {k: finite(v) for k, v in result.weight_angle_deg.items()}
+    return [{"rule": spec, "epoch": epoch, "step": step, "block": i, "cosine": finite(c),
              "weight_angle_deg": angles} for i, c in enumerate(result.block_cosine)]
-
-
-def finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None  # JSON has no NaN
-
-
-def fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
 
 
 def summarize(rows: list[dict[str, Any]], test_acc: float | None) -> dict[str, Any]:
@@ -181,8 +174,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
              "| rule | test acc | " + " | ".join(f"block {b}" for b in range(n)) + " |",
              "|---|---|" + "---|" * n]
     for spec, s in rules.items():
-        cells = [f"{fmt(a)} -> {fmt(b)}" for a, b in zip(s["first_cosine"], s["last_epoch_cosine"])]
-        lines.append(f"| {spec} | {fmt(s['test_acc'])} | " + " | ".join(cells) + " |")
+        cells = [f"{fmt(a, '.3f')} -> {fmt(b, '.3f')}" for a, b in zip(s["first_cosine"], s["last_epoch_cosine"])]
+        lines.append(f"| {spec} | {fmt(s['test_acc'], '.3f')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -204,26 +197,9 @@ def write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
     write_json(out / "summary.json", summary)
 
 
-def pyplot_figure():
-    """matplotlib's ``Figure`` class (no pyplot: no global backend or figure state is touched)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("plotting alignment needs matplotlib: pip install 'creditflow[plot]' "
-                          "(or pass --no-plot for the JSONL/CSV only)") from None
-    return Figure
-
-
-def save_figure(fig, path: Path) -> None:
-    fmt_ = path.suffix[1:]
-    # No date or software stamps: the same results give the same files.
-    metadata = {"Date": None} if fmt_ == "svg" else {"Software": None}
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt_, dpi=110, bbox_inches="tight", metadata=metadata))
-
-
 def plot_alignment(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``{"alignment": figure}`` (one panel per block) plus ``"alignment-weights"`` if there are angles."""
-    Figure = pyplot_figure()
+    Figure = figure_class("pass --no-plot for the JSONL/CSV only")
     rules = list(dict.fromkeys(r["rule"] for r in rows))
     color = {spec: f"C{k % 10}" for k, spec in enumerate(rules)}  # one colour per rule in every panel
     blocks = sorted({r["block"] for r in rows})

@@ -35,7 +35,7 @@ from ..train.checkpoint import load_checkpoint, write_json, write_text
 from ..train.config import ConfigError, RunConfig, validate
 from ..train.metrics import read_jsonl
 from ..train.trainer import build_run, resolve_device
-from .report import csv_text, figure_class, finite, fmt, markdown_row, markdown_table, save_figure
+from ..report import csv_text, figure_class, finite, fmt, markdown_row, markdown_table, save_figure
 
 log = logging.getLogger(__name__)
 

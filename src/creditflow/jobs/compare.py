@@ -8,7 +8,7 @@ from typing import Any
 from ..train.checkpoint import write_json, write_text
 from ..train.config import CompareConfig, dump_yaml
 from ..train.trainer import train
-from .report import csv_text, fmt, markdown_table, mean_std
+from ..report import csv_text, fmt, markdown_table, mean_std
 
 
 def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from ..train.checkpoint import write_json, write_text
 from ..train.config import RunConfig, validate
 from ..train.metrics import read_jsonl
 from ..train.trainer import train
-from .report import fmt, fmt_mean_std, markdown_row, markdown_table
+from ..report import fmt, fmt_mean_std, markdown_row, markdown_table
 
 log = logging.getLogger(__name__)
 

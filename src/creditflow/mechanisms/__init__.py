@@ -4,12 +4,12 @@ from .feedback import FeedbackConv2d, FeedbackLinear, attach_feedback, random_li
 from .local import ConvLocal, LinearLocal, local_module
 from .losses import LOSSES, get_loss
 from .injection import (FEEDBACK_INITS, BoundaryCut, DirectFeedback, Segment, check_feedback_init, downstream_product,
-                        inject, output_error, run_cut)
+                        inject, run_cut)
 from .modes import block_output_shapes, eval_mode, probe_batch
 
 __all__ = [
     "FeedbackConv2d", "FeedbackLinear", "attach_feedback", "random_like_init",
     "ConvLocal", "LinearLocal", "local_module",
-    "LOSSES", "get_loss", "FEEDBACK_INITS", "BoundaryCut", "DirectFeedback", "Segment", "check_feedback_init", "downstream_product", "inject", "output_error", "run_cut",
+    "LOSSES", "get_loss", "FEEDBACK_INITS", "BoundaryCut", "DirectFeedback", "Segment", "check_feedback_init", "downstream_product", "inject", "run_cut",
     "block_output_shapes", "eval_mode", "probe_batch",
 ]

@@ -12,7 +12,7 @@ References: Nøkland 2016 (DFA); Launay et al. 2020 (block-wise DFA, TinyDFA).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,15 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from .modes import eval_mode, probe_batch
-
-
-def output_error(logits: Tensor, target: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """Loss and ``e = dL/d(logits)`` for any differentiable loss, without touching the model graph."""
-    with torch.enable_grad():
-        z = logits.detach().requires_grad_()
-        loss = loss_fn(z, target)
-        (e,) = torch.autograd.grad(loss, z)
-    return loss.detach(), e
 
 
 def run_cut(blocks: Sequence[nn.Module], x: Tensor) -> list[Tensor]:

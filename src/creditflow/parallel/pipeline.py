@@ -53,7 +53,7 @@ from torch import Tensor
 from ..train.trainer import EXPECTED_ERRORS, DataInfo, EpochTotals, Strategy, Trainer, register_strategy
 from .launch import launch, resolve_device, worker_device
 from ..rules.base import OutputError
-from .stages import BALANCES, Plan, Stage, check_pipelinable, make_plan
+from .stages import BALANCES, Plan, Stage, check_pipelinable, make_plan, pipelinable_rules
 
 log = logging.getLogger(__name__)
 
@@ -475,11 +475,11 @@ class PipelineStrategy(Strategy):
     @classmethod
     def run(cls, cfg, *, resume=False, progress=True, callbacks=(), timeout_s: float = 60.0):
         from ..registry import RULES
-        from ..rules.base import BACKWARD_LOCKED, UnitRule
+        from ..rules.base import BACKWARD_LOCKED
 
-        if not issubclass(RULES.get(cfg.rule).builder, UnitRule):
-            able = ", ".join(n for n in RULES.available() if issubclass(RULES.get(n).builder, UnitRule))
-            raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: {BACKWARD_LOCKED}; the pipeline runs {able}")
+        if not RULES.get(cfg.rule).builder.pipelinable:  # fail before spawning; the stage count is checked there
+            raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: {BACKWARD_LOCKED}; the pipeline runs "
+                             f"{', '.join(pipelinable_rules())}")
         device = resolve_device(cfg.device)
         args = (cfg.model_dump(mode="json"), resume, progress, list(callbacks))
         return launch(_stage_main, cfg.stages, args, backend=cfg.backend, device=device, timeout_s=timeout_s,

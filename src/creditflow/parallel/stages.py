@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..mechanisms.modes import eval_mode
-from ..rules.base import OutputError, Rule, UnitRule, UnitsRecord
+from ..mechanisms.modes import eval_mode, probe_batch
+from ..rules.base import OutputError, Rule, UnitRule, UnitsRecord  # noqa: F401  (UnitRule: annotations)
 
 BALANCES = ("params", "time")
 
@@ -34,16 +34,19 @@ def check_pipelinable(rule: Rule, stages: int | None = None, name: str | None = 
     name = name or type(rule).__name__
     refusal = rule.pipeline_refusal()
     if refusal:
-        from ..registry import RULES
-
-        able = [n for n in RULES.available() if issubclass(RULES.get(n).builder, UnitRule)]
-        raise ValueError(f"rule {name!r} cannot be pipelined: {refusal}; the pipeline runs {', '.join(able)}")
+        raise ValueError(f"rule {name!r} cannot be pipelined: {refusal}; the pipeline runs {', '.join(pipelinable_rules())}")
     if stages is not None:
         most = len(rule.pipeline_cuts()) + 1
         if not 1 <= stages <= most:
             raise ValueError(f"rule {name!r} on this model splits into at most {most} pipeline stages "
                              f"({rule.num_units()} units, cuts allowed at {sorted(rule.pipeline_cuts()) or 'none'}); "
                              f"use --stages 1..{most}")
+
+
+def pipelinable_rules() -> list[str]:
+    from ..registry import RULES
+
+    return [n for n in RULES.available() if RULES.get(n).builder.pipelinable]
 
 
 def unit_owned(rule: UnitRule) -> list[list[nn.Module]]:
@@ -135,10 +138,8 @@ def unit_costs(rule: UnitRule, balance: str, batch_size: int = 64, repeats: int 
 @torch.no_grad()
 def probe_inputs(rule: UnitRule, batch: int = 2) -> tuple[list[tuple[Tensor, ...]], Tensor]:
     """The inputs of every unit for a zero batch (eval mode, modes restored), and its labels."""
-    p = next(rule.model.parameters())
-    shape = getattr(rule, "input_shape", None) or rule.model.input_shape
-    x = torch.zeros(batch, *shape, device=p.device, dtype=p.dtype)
-    y = torch.zeros(batch, dtype=torch.long, device=p.device)
+    x = probe_batch(rule.model, getattr(rule, "input_shape", None) or rule.model.input_shape, batch)
+    y = torch.zeros(batch, dtype=torch.long, device=x.device)
     inputs = [rule.first_inputs(x, y)]
     with eval_mode(rule):
         for i in range(rule.num_units() - 1):

@@ -71,6 +71,8 @@ class Rule(nn.Module):
 
     #: buffers the rule itself rewrites (sign-symmetric feedback tracks W); all others stay fixed
     mutable_buffers: tuple[str, ...] = ()
+    #: its units can train on separate processes (:class:`UnitRule`); see :meth:`pipeline_refusal`
+    pipelinable = False
     #: a folded network (Associated Learning's) is trained by its own rule or end to end by BP only
     trains_folded_models = False
     needs_folded_model = False
@@ -224,6 +226,7 @@ class UnitRule(Rule):
     separate processes with the same calls.
     """
 
+    pipelinable = True
     #: False where units train from their own inputs and the target alone (no output error)
     needs_output_error = True
     #: True where the prediction is formed on the way back down the units (AL's decoders)
@@ -445,11 +448,6 @@ class DirectRule(UnitRule):
                              "with blocks=[...] use feedback_init='random'")
         blocks = list(self.model.children())
         return [downstream_product(blocks[i + 1:]) for i in range(len(self._hidden))]
-
-    def forward_cut(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """``(logits, [h_1 .. h_k])``: one forward with every hidden block's input detached."""
-        record, _ = self.forward_units(range(self.num_units()), (x,), torch.empty(0))
-        return record.logits, record.outputs
 
 
 def resolve_input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import data, models, rules
 from ..diagnostics import saved_tensor_bytes
+from ..mechanisms.modes import eval_mode
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
 from .config import RunConfig, dump_yaml
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
@@ -95,13 +96,11 @@ def build_run(cfg: RunConfig, info, device: torch.device):
 def evaluate(model: torch.nn.Module, imageset, splits, device, batch_size: int) -> float | None:
     if len(imageset) == 0:
         return None
-    was_training = model.training
-    model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for xb, yb in data.batches(imageset, batch_size, shuffle=False):
-        x = splits.normalize(xb.to(device, non_blocking=True))
-        correct += (model(x).argmax(-1) == yb.to(device)).sum()
-    model.train(was_training)
+    with eval_mode(model):
+        for xb, yb in data.batches(imageset, batch_size, shuffle=False):
+            x = splits.normalize(xb.to(device, non_blocking=True))
+            correct += (model(x).argmax(-1) == yb.to(device)).sum()
     return correct.item() / len(imageset)
 
 

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..train.checkpoint import atomic_write
+from .files import atomic_write
 
 
 def fmt(value: float | None, spec: str = ".4g", missing: str = "n/a", suffix: str = "") -> str:

@@ -1,6 +1,6 @@
 import pytest
 
-from creditflow.jobs.report import csv_text, fmt, fmt_mean_std, markdown_table, save_figure
+from creditflow.report import csv_text, fmt, fmt_mean_std, markdown_table, save_figure
 
 
 def test_markdown_table_keeps_an_empty_corner_cell_and_formats_values():
