@@ -60,7 +60,7 @@ def main(model_key, steps, batch):
         _, e = dfa.loss.error(logits, y)
         t = lap("dfa: output_error", t)
         with torch.no_grad():
-            signals = dfa.signals(e, y, outputs)
+            signals = dfa.signals(e, y, outputs, range(len(outputs)))
         t = lap("dfa: signals B_i e", t)
         inject([logits, *outputs], [e, *signals])
         lap("dfa: backward (one call)", t)

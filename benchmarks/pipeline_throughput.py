@@ -42,7 +42,7 @@ from step_time import steady_malloc  # noqa: E402  (glibc thresholds, inherited 
 import creditflow as cf  # noqa: E402
 from creditflow.parallel.launch import launch  # noqa: E402
 from creditflow.parallel.pipeline import fit  # noqa: E402
-from creditflow.parallel.stages import ALStage, make_plan, make_stage, partition  # noqa: E402
+from creditflow.parallel.stages import Stage, make_plan, partition  # noqa: E402
 
 #: name -> (rule, model spec, schedule); batch size, classes and input shape from the options
 CASES = {
@@ -101,7 +101,7 @@ def unit_times(case: str, batch: int, device, repeats: int) -> dict:
     rule, _ = build(case)
     n_units = len(make_plan(rule, 1).costs)
     plan = make_plan(rule, n_units)  # one unit per stage
-    stages = [make_stage(rule, plan, i).to(device) for i in range(n_units)]
+    stages = [Stage(rule, plan, i).to(device) for i in range(n_units)]
     opts = [optimizer(s.param_groups()) if s.param_groups() else None for s in stages]
     x, y = make_batches(1, batch)[0]
     x, y = x.to(device), y.to(device)
@@ -109,26 +109,23 @@ def unit_times(case: str, batch: int, device, repeats: int) -> dict:
     upd = [[] for _ in stages]
     sent = [0] * n_units
     for r in range(repeats + 1):  # the first round warms up
-        inputs = stages[0].first_inputs(x, y) if isinstance(stages[0], ALStage) else [x]
+        inputs = rule.first_inputs(x, y)
         records = []
         for i, s in enumerate(stages):
             sync(device)
             t0 = time.perf_counter()
-            record, send = s.forward(inputs, y)
+            record, pairs, send = s.forward(inputs, y)
             sync(device)
             if r:
                 fwd[i].append(time.perf_counter() - t0)
-            records.append(record)
+            records.append((record, pairs))
             sent[i] = sum(t.numel() * t.element_size() for t in send)
             inputs = send
-        e = logits = None
-        if not isinstance(stages[-1], ALStage):
-            _, e = stages[-1].output_error(records[-1])
-            logits = records[-1].logits.detach()
-        for i, (s, rec) in enumerate(zip(stages, records)):
+        error = rule.output_error(records[-1][0])
+        for i, (s, (rec, pairs)) in enumerate(zip(stages, records)):
             sync(device)
             t0 = time.perf_counter()
-            s.update(rec, e if s.needs_output or s.is_last else None, logits if s.needs_output else None)
+            s.update(rec, pairs, error if s.needs_output or s.is_last else None)
             if opts[i] is not None:
                 opts[i].step()
                 opts[i].zero_grad(set_to_none=True)
@@ -137,7 +134,7 @@ def unit_times(case: str, batch: int, device, repeats: int) -> dict:
                 upd[i].append(time.perf_counter() - t0)
     med = statistics.median
     return {"forward_s": [med(t) for t in fwd], "update_s": [med(t) for t in upd], "sent_bytes": sent,
-            "needs_output": bool(getattr(rule, "signals_need_output", False)) and n_units > 1,
+            "needs_output": any(s.needs_output for s in stages),
             "header_bytes": 8 * (2 + batch), "error_bytes": 4 * batch * 20}
 
 

@@ -96,3 +96,34 @@ def test_rules_work_on_a_users_own_sequential():
         rule = cf.rules.build(name, copy.deepcopy(model), num_classes=2)
         rule.step(torch.randn(5, 4), torch.randint(0, 2, (5,)))
         assert all(p.grad is not None for p in rule.trainable_parameters())
+
+
+@pytest.mark.parametrize("rule_name", RULES)
+def test_layers_stay_what_they_were_and_the_plain_network_comes_back(rule_name):
+    """After ``build`` every module is still an instance of its own class (a Conv2d is a Conv2d), and
+    ``rule.plain_model()`` gives the trained network in plain layers: its state_dict loads strictly
+    into a freshly built model, which then predicts exactly as the rule's model."""
+    kind = "cnn-bn" if refusal(rule_name, make_model(rule_name, "cnn-bn")) is None else "mlp"
+    model = make_model(rule_name, kind)
+    fresh = copy.deepcopy(model)
+    classes = [type(m) for m in model.modules()]
+    rule = cf.rules.build(rule_name, model, num_classes=3)
+    assert all(isinstance(m, cls) for m, cls in zip(model.modules(), classes, strict=True))
+    opt = torch.optim.SGD(rule.parameters(), lr=0.1)  # nn.Module's parameters(): safe for any optimizer
+    rule.step(*batch(model.input_shape))
+    opt.step()
+    plain = rule.plain_model()
+    target = fresh.inference_model() if RULES_REGISTRY.get(rule_name).builder.needs_folded_model else fresh
+    target.load_state_dict(plain.state_dict(), strict=True)
+    assert [type(m) for m in plain.modules()] == [type(m) for m in target.modules()]
+    x, _ = batch(model.input_shape)
+    rule.eval()
+    target.eval()
+    torch.testing.assert_close(target(x), rule.model(x))
+
+
+def test_requires_grad_reaches_every_tensor_of_a_rule():
+    rule = cf.rules.build("shallow", tiny_mlp(), num_classes=3)  # Shallow freezes its lower blocks
+    assert any(not p.requires_grad for p in rule.parameters())
+    rule.requires_grad_(True)
+    assert all(p.requires_grad for p in rule.parameters())
