@@ -89,7 +89,7 @@ def bench_pair(pair: str, *, device, batch, warmup, rounds, optimizer, seed, al_
         options = (al_options or {}) if rule_name == "al" else {}
         model = cf.models.build(spec, input_shape=shape, num_classes=10, **options).to(device)
         rule = cf.rules.build(rule_name, model, num_classes=10)
-        runs[rule_name] = (spec, rule, OPTIMIZERS[optimizer](list(rule.parameters())))
+        runs[rule_name] = (spec, rule, OPTIMIZERS[optimizer](list(rule.trainable_parameters())))
 
     def one_step(rule, opt) -> tuple[float, float]:
         return timed_step(rule, opt, x, y, sync)
@@ -113,7 +113,7 @@ def bench_pair(pair: str, *, device, batch, warmup, rounds, optimizer, seed, al_
         step_med, step_iqr = median_iqr(step[n])
         fb_med, _ = median_iqr(fb[n])
         results.append(Result(
-            pair=pair, rule=n, model=spec, params_trained=sum(p.numel() for p in rule.parameters()),
+            pair=pair, rule=n, model=spec, params_trained=sum(p.numel() for p in rule.trainable_parameters()),
             params_effective=effective(rule.model), step_ms=step_med, fwd_bwd_ms=fb_med,
             opt_ms=median_iqr([s - f for s, f in zip(step[n], fb[n])])[0], step_iqr_ms=step_iqr,
             saved_bytes=mem.saved_for_backward_bytes, device_peak_bytes=mem.device_peak_bytes,

@@ -32,7 +32,7 @@ def main(model_key, steps, batch):
     for name in ("bp", "dfa"):
         torch.manual_seed(0)
         rule = cf.rules.build(name, cf.models.build(spec, input_shape=shape), num_classes=10)
-        rules[name] = (rule, torch.optim.Adam(rule.parameters(), lr=1e-4))
+        rules[name] = (rule, torch.optim.Adam(rule.trainable_parameters(), lr=1e-4))
     times: dict[str, list[float]] = {}
 
     def lap(key, t0):

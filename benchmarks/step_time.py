@@ -158,7 +158,7 @@ def bench_model(model_key: str, rule_names: list[str], *, device, batch, classes
         torch.manual_seed(seed)  # every rule starts from the same weights
         model = cf.models.build(spec, input_shape=shape, num_classes=classes).to(device)
         rule = cf.rules.build_spec(name, model, num_classes=classes)
-        runs[name] = (rule, OPTIMIZERS[optimizer](list(rule.parameters())))
+        runs[name] = (rule, OPTIMIZERS[optimizer](list(rule.trainable_parameters())))
 
     def one_step(rule, opt) -> tuple[float, float]:
         return timed_step(rule, opt, x, y, sync)
@@ -185,7 +185,7 @@ def bench_model(model_key: str, rule_names: list[str], *, device, batch, classes
         fb_med, fb_iqr = median_iqr(fb[name])
         opt_med, _ = median_iqr([s - f for s, f in zip(step[name], fb[name])])
         results.append(Result(
-            model=spec, rule=name, params_trained=sum(p.numel() for p in rule.parameters()),
+            model=spec, rule=name, params_trained=sum(p.numel() for p in rule.trainable_parameters()),
             step_ms=step_med, fwd_bwd_ms=fb_med, opt_ms=opt_med, step_iqr_ms=step_iqr,
             fwd_bwd_iqr_ms=fb_iqr, saved_bytes=mem.saved_for_backward_bytes,
             device_peak_bytes=mem.device_peak_bytes, step_samples_ms=step[name],

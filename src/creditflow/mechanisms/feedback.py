@@ -224,7 +224,7 @@ class FeedbackLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        policy = _POLICY.get()
+        policy = active_policy()
         saved = policy.saved_activation(self, x) if policy is not None else None
         for observe in _OBSERVERS.get():
             observe(self, x if saved is None else saved.a)
