@@ -26,7 +26,8 @@ def test_period_1_with_B_equal_to_W_is_bp(name, make):
     x, y = batch(model.input_shape)
     ref = bp_grads(copy.deepcopy(model), x, y)
     options = {"kp_decay": 0.0} if name == "asap" else {}
-    rule = cf.rules.build(name, model, num_classes=3, k=1, train_first=True, **options)
+    # the group-input reading with k = 1: every layer reads its own input, B = W: BP
+    rule = cf.rules.build(name, model, num_classes=3, k=1, train_first=True, reading="group-input", **options)
     with torch.no_grad():
         for layer in rule.layers:
             layer.feedback.copy_(layer.weight)
@@ -37,52 +38,190 @@ def test_period_1_with_B_equal_to_W_is_bp(name, make):
         torch.testing.assert_close(got[k], ref[k])
 
 
-def mlp_sharing_grads(Ws, bs, x, y, Bs, k, train_first):
-    """Hand-derived activation sharing on an equal-width ReLU MLP (thesis eqs. 4.3-4.6, Alg. 1).
+def fa_deltas(Ws, bs, x, y, Bs):
+    """Forward of a ReLU MLP and its errors sent down through B (Alg. 1 lines 14-17): (hs, deltas).
 
-    delta goes down through B as in FA; layer i's weight gradient is delta_i h~^T with h~ the
-    input of its group's first layer. Returns {layer index: (grad W, grad b)}.
-    """
+    ``hs[i]`` is layer i's input (``hs[0] = x``); ``deltas[i]`` the error at its pre-activation."""
     hs, As = [x], []
     for W, b in zip(Ws[:-1], bs[:-1]):
         As.append(hs[-1] @ W.T + b)
         hs.append(As[-1].clamp_min(0))
-    delta = output_error(hs[-1] @ Ws[-1].T + bs[-1], y)
+    delta = output_error(hs[-1] @ Ws[-1].T + bs[-1], y)  # delta_{M,K} = y - y*, divided by N (mean loss)
     deltas = [None] * len(Ws)
     for i in reversed(range(len(Ws))):
         deltas[i] = delta
         if i:
-            delta = (delta @ Bs[i]) * (As[i - 1] > 0).double()
-    start = 0 if train_first else 1
+            delta = (delta @ Bs[i]) * (As[i - 1] > 0).double()  # phi' B^T delta
+    return hs, deltas
+
+
+def algorithm_1_grads(Ws, bs, x, y, Bs, K, train_first, asfp=False):
+    """Algorithm 1 (Sec. 8.2) on an equal-width ReLU MLP: {layer: (grad W, grad B, grad b)}.
+
+    Layer 0 is the frozen first layer W_{1,0} (Sec. 5.1.1) unless ``train_first``; the layers that
+    learn form blocks m = 1..M of K layers, W_{m,1..K}. h~_1 is the input of W_{1,1} (line 2, with
+    the frozen layer: its output); h~_{m+1} = h_{m,K-1} (line 8), the input of W_{m,K}. Lines 25-26:
+    Delta W = Delta B = delta h~_m^T (as a gradient: the optimizer subtracts). ASFP (eqs. 4.7-4.10):
+    W from its own input h_{m,k-1}, B from h~_m.
+    """
+    hs, deltas = fa_deltas(Ws, bs, x, y, Bs)
+    first = 0 if train_first else 1
+    layers = list(range(first, len(Ws)))
+    blocks = [layers[i:i + K] for i in range(0, len(layers), K)]
+    shared = hs[first]  # h~_1
     out = {}
-    for i in range(start, len(Ws)):
-        shared = hs[start + (i - start) // k * k]
-        out[i] = (deltas[i].T @ shared, deltas[i].sum(0))
+    for block in blocks:
+        for i in block:
+            g_shared = deltas[i].T @ shared
+            g_own = deltas[i].T @ hs[i]
+            out[i] = (g_own if asfp else g_shared, g_shared, deltas[i].sum(0))
+        shared = hs[block[-1]]  # h~_{m+1} = h_{m,K-1}: the input of the block's last layer
     return out
 
 
-@pytest.mark.parametrize("k,train_first", [(2, False), (3, True), (2, True)])
-@pytest.mark.parametrize("name", ["as", "asap"])
-def test_weight_gradient_uses_the_shared_activation(name, k, train_first):
-    model = tiny_mlp(dims=(5, 5, 5, 5, 5, 3))
+@pytest.mark.parametrize("k,train_first", [(2, False), (4, False), (2, True), (3, True)])
+@pytest.mark.parametrize("name", ["as", "asap", "asfp"])
+def test_gradients_follow_algorithm_1(name, k, train_first):
+    model = tiny_mlp(dims=(5, 5, 5, 5, 5, 5, 5, 3))  # 7 layers of equal width but the last
     x, y = batch(model.input_shape)
-    options = {"kp_decay": 0.0} if name == "asap" else {}
+    options = {} if name == "as" else {"kp_decay": 0.0}
     rule = cf.rules.build(name, model, num_classes=3, k=k, train_first=train_first, **options)
     Ws = [layer.weight.detach().clone() for layer in rule.layers]
     bs = [layer.bias.detach().clone() for layer in rule.layers]
     Bs = Ws if name == "as" else [layer.feedback.detach().clone() for layer in rule.layers]
-    ref = mlp_sharing_grads(Ws, bs, x, y, Bs, k, train_first)
+    ref = algorithm_1_grads(Ws, bs, x, y, Bs, k, train_first, asfp=name == "asfp")
     rule.step(x, y)
     for i, layer in enumerate(rule.layers):
         if i not in ref:  # the frozen first layer (Sec. 5.1.1)
             assert layer.weight.grad is None and not layer.weight.requires_grad
             continue
-        torch.testing.assert_close(layer.weight.grad, ref[i][0])
-        torch.testing.assert_close(layer.bias.grad, ref[i][1])
-        if name == "asap":  # eq. 4.5-4.6: Delta B = Delta W
-            torch.testing.assert_close(layer.feedback.grad, ref[i][0])
+        grad_W, grad_B, grad_b = ref[i]
+        torch.testing.assert_close(layer.weight.grad, grad_W, msg=f"layer {i}: W")
+        torch.testing.assert_close(layer.bias.grad, grad_b)
+        if name != "as":  # eqs. 4.5-4.6 (ASAP: Delta B = Delta W) and 4.9-4.10 (ASFP)
+            torch.testing.assert_close(layer.feedback.grad, grad_B, msg=f"layer {i}: B")
     assert model[0].unused.grad is None
     assert active_policy() is None  # inference is plain again
+
+
+@pytest.mark.parametrize("name", ["as", "asap"])
+def test_the_group_input_reading_is_kept_as_an_option(name):
+    """reading='group-input': every layer of a group reads the input of the group's own first layer."""
+    model = tiny_mlp(dims=(5, 5, 5, 5, 5, 5, 3))
+    x, y = batch(model.input_shape)
+    options = {} if name == "as" else {"kp_decay": 0.0}
+    rule = cf.rules.build(name, model, num_classes=3, k=2, reading="group-input", **options)
+    Ws = [layer.weight.detach().clone() for layer in rule.layers]
+    bs = [layer.bias.detach().clone() for layer in rule.layers]
+    Bs = Ws if name == "as" else [layer.feedback.detach().clone() for layer in rule.layers]
+    hs, deltas = fa_deltas(Ws, bs, x, y, Bs)
+    rule.step(x, y)
+    for i in range(1, len(Ws)):
+        first_of_group = 1 + (i - 1) // 2 * 2
+        torch.testing.assert_close(rule.layers[i].weight.grad, deltas[i].T @ hs[first_of_group])
+
+
+def bp_inputs_and_deltas(model, names, x, y):
+    """Under BP: each named layer's input and the loss gradient at its output (its delta)."""
+    acts, deltas = {}, {}
+
+    def keep(name):
+        def hook(module, args, out):
+            acts[name] = args[0]
+            out.register_hook(lambda g: deltas.__setitem__(name, g))
+        return hook
+
+    for name in names:
+        model.get_submodule(name).register_forward_hook(keep(name))
+    F.cross_entropy(model(x), y).backward()
+    return acts, deltas
+
+
+class ResidualMLP(nn.Module):
+    """Two residual blocks of Linear layers (eq. 5.1 with Linear for conv): stem (frozen), blocks, head."""
+
+    class Block(nn.Module):
+        sharing_slots = (("fc1",), ("fc2",))
+
+        def __init__(self, d):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, h):  # h_{l+2} = relu(W_{l+2} relu(W_{l+1} h_l) + h_l)
+            return (self.fc2(self.fc1(h).relu()) + h).relu()
+
+    def __init__(self, d=5, classes=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.b1, self.b2, self.head = nn.Linear(d, d), self.Block(d), self.Block(d), nn.Linear(d, classes)
+        self.input_shape = (d,)
+        self.activation_sharing = {"first_group": 1, "own_input": ["head"]}
+        self.double()
+
+    def forward(self, x):
+        return self.head(self.b2(self.b1(self.stem(x).relu())))
+
+
+def test_a_residual_net_shares_block_inputs_as_eq_5_3():
+    """k = 2 on two residual blocks: b1.fc1 reads x_1 (the frozen stem's output, its own input); the
+    group {b1.fc2, b2.fc1} reads x_1 (eq. 5.3: Delta W~_{l+3} = delta_{l+3} h_l); b2.fc2 reads x_2;
+    the head reads its own input. Gradients from the equations with autograd's deltas (B = W)."""
+    model = ResidualMLP()
+    x, y = batch(model.input_shape)
+    acts, deltas = bp_inputs_and_deltas(copy.deepcopy(model), ["b1.fc1", "b1.fc2", "b2.fc1", "b2.fc2", "head"], x, y)
+    x1, x2 = acts["b1.fc1"], acts["b2.fc1"]  # the blocks' inputs
+    reads = {"b1.fc1": x1, "b1.fc2": x1, "b2.fc1": x1, "b2.fc2": x2, "head": acts["head"]}
+    rule = cf.rules.build("as", model, num_classes=3, k=2)
+    assert [(r.layer, r.reads) for r in rule.sharing_plan()] == [
+        ("stem", "frozen (Sec. 5.1.1)"), ("b1.fc1", "own input"), ("b1.fc2", "input of b1.fc1"),
+        ("b2.fc1", "input of b1.fc1"), ("b2.fc2", "input of b2.fc1"), ("head", "own input")]
+    rule.step(x, y)
+    for name, h in reads.items():
+        torch.testing.assert_close(model.get_submodule(name).weight.grad, deltas[name].T @ h, msg=name)
+
+
+@pytest.mark.parametrize("method", [1, 2, 3])
+def test_conv_layers_read_the_matched_shared_activation(method):
+    """A conv net (B = W, so the deltas are BP's): each conv's weight gradient is the convolution
+    weight gradient of its delta and the shared activation brought to its input's shape by Sec.
+    5.2.1's method, written here: copies concatenated to the channel count, then max/avg pooling
+    to the map size (1, 2), or a fixed random 1x1 projection and average pooling (3)."""
+    torch.manual_seed(0)
+    model = cf.models.build("alexnet-asap:4-6-8", fc="16-12", input_shape=(3, 16, 16), num_classes=3).double()
+    x, y = batch(model.input_shape)
+    acts, deltas = bp_inputs_and_deltas(copy.deepcopy(model), ["1.0", "2.0"], x, y)
+    rule = cf.rules.build("as", model, num_classes=3, k=2, match=method)
+    rule.step(x, y)
+    shared = acts["1.0"]  # the one group {conv2, conv3} reads conv2's input (the frozen stem's pooled output)
+    for name in ("1.0", "2.0"):
+        conv = model.get_submodule(name)
+        c, hw = acts[name].shape[1], acts[name].shape[2:]
+        if method == 3:
+            C = getattr(rule, f"match{rule._sharing.index(conv)}", None)
+            matched = shared if C is None else F.adaptive_avg_pool2d(torch.einsum("oc,nchw->nohw", C, shared), hw)
+        else:
+            pool = F.adaptive_max_pool2d if method == 1 else F.adaptive_avg_pool2d
+            copies = torch.cat([shared] * -(-c // shared.shape[1]), 1)[:, :c]
+            matched = pool(copies, hw)
+        want = torch.nn.grad.conv2d_weight(matched, conv.weight.shape, deltas[name], conv.stride, conv.padding)
+        torch.testing.assert_close(conv.weight.grad, want, msg=name)
+
+
+def test_resnet18_plan_is_pinned():
+    """Every conv of resnet18 names the activation it reads (k = 2): x_j is block j's input."""
+    rule = cf.rules.build("asap", cf.models.build("resnet18", width=4), 10, k=2)
+    plan = {r.layer: r.reads for r in rule.sharing_plan()}
+    block_input = {j: f"input of {j}.conv1" for j in range(1, 9)}
+    want = {"0.0": "frozen (Sec. 5.1.1)", "1.conv1": "own input", "9.2": "own input"}
+    for j in range(1, 9):
+        want[f"{j}.conv2"] = block_input[j]  # conv2 of block j: x_j
+        if j > 1:
+            want[f"{j}.conv1"] = block_input[j - 1]  # conv1 of block j: x_{j-1}
+    for j in (3, 5, 7):
+        want[f"{j}.shortcut.0"] = block_input[j - 1]  # the 1x1 shortcut: as its block's conv1
+    assert plan == want
+    k4 = {r.layer: r.reads for r in cf.rules.build("asap", cf.models.build("resnet18", width=4), 10, k=4).sharing_plan()}
+    assert k4["2.conv2"] == k4["3.conv1"] == "input of 1.conv1" and k4["3.conv2"] == k4["5.conv1"] == "input of 3.conv1"
 
 
 @pytest.mark.parametrize("method", [1, 2, 3])

@@ -323,7 +323,7 @@ def test_asap_with_k1_and_B_equal_W_is_bp_on_a_residual_net():
     bp = make("resnet")
     cf.rules.build("bp", bp, num_classes=C).step(x, y)
     model = make("resnet")
-    rule = cf.rules.build("asap", model, num_classes=C, k=1, train_first=True, kp_decay=0.0, input_shape=(3, 8, 8))
+    rule = cf.rules.build("asap", model, num_classes=C, k=1, reading="group-input", train_first=True, kp_decay=0.0, input_shape=(3, 8, 8))
     with torch.no_grad():
         for layer in rule.layers:
             layer.feedback.copy_(layer.weight)
@@ -356,6 +356,6 @@ def test_asap_needs_layers_that_run_once_per_forward():
 
     with pytest.raises(ValueError, match="'shared' runs 2 times per forward: use k=1"):
         cf.rules.build("asap", Twice(), num_classes=C, k=2, input_shape=(4,))
-    rule = cf.rules.build("asap", Twice(), num_classes=C, k=1, input_shape=(4,))
+    rule = cf.rules.build("asap", Twice(), num_classes=C, k=1, reading="group-input", input_shape=(4,))
     rule.step(torch.randn(3, 4), torch.randint(0, C, (3,)))
     assert all(p.grad is not None for p in rule.trainable_parameters())

@@ -29,7 +29,13 @@ def alexnet(spec: str = "", *, input_shape=(3, 32, 32), num_classes: int = 10, f
         blocks.append(nn.Sequential(*([nn.Flatten()] if i == 0 else []), nn.Linear(d, width), nn.ReLU()))
         d = width
     blocks.append(nn.Linear(d, num_classes))
-    return BlockNet(blocks, input_shape)
+    net = BlockNet(blocks, input_shape)
+    # Activation sharing as the authors' code (code/convnet.py) lays it out: the convs after the frozen
+    # first share (one group at k = 2: conv3 reads conv2's input, the pooled stem output); the fully
+    # connected classifier reads its own inputs (FA-like).
+    fc = [f"{len(channels) + i}.{1 if i == 0 else 0}" for i in range(len(widths))] + [str(len(blocks) - 1)]
+    net.activation_sharing = {"own_input": fc}
+    return net
 
 
 @register_model("alexnet-asap", summary="3 conv (3x3, pad 2) + max-pool blocks, 2 FC 1024, linear head",

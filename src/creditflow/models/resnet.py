@@ -47,6 +47,10 @@ class BasicBlock(nn.Module):
     otherwise, and absent (``None``) in the no-skip-connection variant.
     """
 
+    #: for activation sharing: conv1 and the shortcut conv read the block's input (one slot), conv2 the
+    #: block's middle activation (rules/activation_sharing.py; ASAP thesis eqs. 5.1-5.3)
+    sharing_slots = (("conv1", "shortcut.0"), ("conv2",))
+
     def __init__(self, c_in: int, c_out: int, stride: int = 1, shortcut: bool = True):
         super().__init__()
         self.conv1 = conv3x3(c_in, c_out, stride)
@@ -112,7 +116,13 @@ def resnet(depths: Sequence[int], shortcut: bool = True, *, name: str = "resnet"
             blocks.append(BasicBlock(c_in, c_out, stride, shortcut))
             c_in = c_out
     blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)))
-    return BlockNet(blocks, tuple(input_shape))
+    net = BlockNet(blocks, tuple(input_shape))
+    # Activation sharing as eq. 5.3 and the authors' code (code/resnet.py) lay it out: groups of k
+    # slots end at a block's conv1, so each group {conv2 of block j-1, conv1 + shortcut of block j}
+    # reads block j-1's input x_{j-1}; the first group is block 1's conv1 alone (it reads the stem's
+    # output, x_1); the classifier reads its own input.
+    net.activation_sharing = {"first_group": 1, "own_input": [f"{len(blocks) - 1}.2"]}
+    return net
 
 
 @register_model("resnet18", summary="CIFAR ResNet-18 (3x3 stem, 2-2-2-2 BasicBlocks), one block per child",

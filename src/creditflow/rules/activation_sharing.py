@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..mechanisms.compact import compact_activations
-from ..mechanisms.feedback import (FeedbackConv2d, FeedbackPolicy, SavedActivation, attach_feedback, feedback_policy,
+from ..mechanisms.feedback import (FeedbackPolicy, SavedActivation, attach_feedback, feedback_policy,
                                    kp_decay_, learn_feedback, random_like_init)
 from ..mechanisms.local import LinearLocal, freeze
 from ..mechanisms.modes import eval_mode, probe_batch
@@ -71,15 +72,49 @@ def match_activation(h: Tensor, shape: tuple[int, ...], method: str, C: Tensor |
     return pool(h[:, None], d)[:, 0]
 
 
-class SharedActivations:
-    """Mixin for feedback-layer rules: groups of ``k`` layers share one activation for ``grad_weight``.
+#: which activation a group's layers read: the thesis's (Alg. 1 line 8: the input of the previous
+#: group's last layer) or this library's earlier reading (the input of the group's own first layer)
+READINGS = ("thesis", "group-input")
 
-    The group's first layer records its input ``h~_m`` (a forward pre-hook, during ``step`` only); the
-    other layers save ``h~_m`` for backward instead of their own input, and match its shape there.
+
+class PlanRow(NamedTuple):
+    """What one layer's weight gradient reads in a step (``SharedActivations.sharing_plan``)."""
+
+    layer: str  # module name in the model
+    group: int | None  # sharing group m (None: not in one)
+    reads: str  # "frozen", "own input", or "input of <layer>"
+    input_shape: tuple[int, ...]  # the layer's own input, per sample
+    shared_shape: tuple[int, ...] | None  # the activation it reads instead, per sample
+    match: str | None  # how the shared activation is brought to the input's shape (None: no need)
+    feeds: str  # which gradients read it: "W and B", "B" (ASFP), "W" (AS), "-"
+
+
+class SharedActivations:
+    """Mixin for feedback-layer rules: groups of ``k`` layers update from one shared activation.
+
+    Key (Algorithm 1): the layers that learn (all but the frozen first, Sec. 5.1.1) form a chain of
+    *slots* in forward order (a slot: the layers that read the same input; one layer, or a residual
+    block's conv1 with its 1x1 shortcut conv); slots are grouped ``k`` at a time. Every layer of group
+    ``m+1`` updates from ``h~_{m+1} = h_{m,K-1}`` (line 8), the *input of the previous group's last
+    slot*, and group 1 from the input of its own first slot (with the first layer frozen, the output
+    of that layer: how the authors' code reconciles Sec. 5.1.1 with line 2). So with k = 2,
+    ``grad W_{l+2} = delta_{l+2} h_l^T`` and ``grad W_{l+3} = delta_{l+3} h_l^T`` (eqs. 4.3-4.6).
+
+    A model may describe its own layout (``models/resnet.py`` does, after eqs. 5.1-5.3): a module
+    attribute ``sharing_slots`` (names of its layers per slot, in data-flow order), and on the model
+    ``activation_sharing = {"first_group": n, "own_input": [names]}``: the first group's size in
+    slots (ResNets: 1, so that every later group is {conv2 of block j-1, conv1 and shortcut of block
+    j} and reads block j-1's input ``x_{j-1}``, eq. 5.3) and the layers that read their own input
+    (the classifier, as in the authors' code). Without them, every layer that runs is its own slot,
+    in forward order, and the first group has ``k`` slots. ``sharing_plan()`` prints the result.
 
     Args:
-        k: layers per group (the sharing period); ``k = 1`` uses every layer's own input (BP's).
-        match: ``1``/``"max"``, ``2``/``"avg"`` or ``3``/``"random"`` (Sec. 5.2.1's methods).
+        k: slots per group (the thesis's block size K).
+        match: ``1``/``"max"``, ``2``/``"avg"`` or ``3``/``"random"`` (Sec. 5.2.1's methods), wherever
+            the shared activation's shape differs from the layer's input.
+        reading: ``"thesis"`` (default, above) or ``"group-input"``: every layer of a group reads the
+            input of the group's own first slot, so that slot learns from its true input (a departure:
+            at init its gradient equals KP's; docs/rules.md has the measured difference).
         train_first: False (the thesis, Sec. 5.1.1): the first layer is frozen (not trained); True
             trains it as the first layer of the first group.
         saved_norm: what BatchNorm keeps for backward: ``"input"`` (PyTorch's own),
@@ -98,8 +133,8 @@ class SharedActivations:
     base_takes_input_shape = False
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", *, k: int = 2,
-                 match: int | str = 1, train_first: bool = False, saved_norm: str = "input", input_shape=None,
-                 **options):
+                 match: int | str = 1, reading: str = "thesis", train_first: bool = False, saved_norm: str = "input",
+                 input_shape=None, **options):
         input_shape = resolve_input_shape(model, input_shape)  # before Linear layers become feedback layers
         if self.base_takes_input_shape:
             options["input_shape"] = input_shape
@@ -108,70 +143,141 @@ class SharedActivations:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if match not in MATCH:
             raise ValueError(f"unknown match {match!r}; available: 1 (max), 2 (avg), 3 (random)")
-        self.k, self.match, self.train_first = k, MATCH[match], train_first
+        if reading not in READINGS:
+            raise ValueError(f"unknown reading {reading!r}; available: {', '.join(READINGS)}")
+        self.k, self.match, self.reading, self.train_first = k, MATCH[match], reading, train_first
+        rule = type(self).__name__
         shapes, calls = _input_shapes(model, self.layers, input_shape)
-        ordered = _forward_order(model, self.layers, calls, k, type(self).__name__)
-        first = ordered[0]
+        ordered = _forward_order(model, self.layers, calls, k > 1 or reading == "thesis", rule)
+        self._first = ordered[0]
         if not train_first:  # Sec. 5.1.1: "do not train this layer"
-            for p in (first.weight, first.bias, first.feedback):
+            for p in (self._first.weight, self._first.bias, self._first.feedback):
                 if p is not None and isinstance(p, nn.Parameter):
                     p.requires_grad_(False)
-        # Groups follow the order the layers run in (for the models here, their definition order).
-        self._sharing = ordered if train_first else ordered[1:]
-        self._plan: list[tuple[int, bool, tuple[int, ...], bool]] = []  # group, is-source, input shape, conv
+        hints = dict(getattr(model, "activation_sharing", None) or {})
+        own = {id(model.get_submodule(n)) for n in hints.get("own_input", ())}
+        self._sharing = [m for m in (ordered if train_first else ordered[1:]) if id(m) not in own]
+        slots = _slots(model, self._sharing)  # slot index of each layer in _sharing
+        first_group = hints.get("first_group") or k
+        group = [0 if s < first_group else 1 + (s - first_group) // k for s in range(max(slots, default=-1) + 1)]
+        last_slot = {g: s for s, g in enumerate(group)}  # each group's last slot
+        first_slot = {g: s for s, g in reversed(list(enumerate(group)))}
+        self._slot, self._group = slots, [group[s] for s in slots]
+        self._source = [(first_slot[0] if g == 0 else last_slot[g - 1]) if reading == "thesis" else first_slot[g]
+                        for g in self._group]  # per layer: the slot whose input it reads
+        slot_input = {s: shapes[id(m)] for m, s in reversed(list(zip(self._sharing, slots)))}
+        self._shapes: list[tuple[tuple[int, ...], tuple[int, ...], bool]] = []  # per layer: source, target, conv
         for j, layer in enumerate(self._sharing):
-            g, i = divmod(j, k)
-            target, conv = shapes[id(layer)], isinstance(layer, FeedbackConv2d)
-            self._plan.append((g, i == 0, target, conv))
-            if i == 0:
-                source = target
-                continue
-            _check_shareable(source, target, conv, model, layer, type(self).__name__)
+            source, target, conv = slot_input[self._source[j]], shapes[id(layer)], isinstance(layer, nn.Conv2d)
+            self._shapes.append((source, target, conv))
+            if self._source[j] == self._slot[j]:
+                continue  # its own input
+            _check_shareable(source, target, conv, model, layer, rule)
             if self.match == "random" and target != source:
                 rows = target[0] if conv else target[-1]
                 cols = source[0] if conv else source[-1] if len(target) > 1 else math.prod(source)
                 C = torch.randn(rows, cols, **placement(model)) / math.sqrt(cols)  # FA's fixed C
                 self.register_buffer(f"match{j}", C)
+        self._input_shapes = shapes
         compact_activations(model, relu_mask=not self.shared_feeds_B_only, saved_norm=saved_norm)
 
     def forward_context(self, x=None):
         return feedback_policy(SharingPolicy(self))
 
+    def sharing_plan(self) -> list[PlanRow]:
+        """Every feedback layer, in forward order: which activation its weight (and B) gradient reads."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        by_slot = {}
+        for m, s in zip(self._sharing, self._slot):
+            by_slot.setdefault(s, m)
+        position = {id(m): j for j, m in enumerate(self._sharing)}
+        rows = []
+        for layer in sorted(self.layers, key=lambda m: self._order(m)):
+            shape = self._input_shapes.get(id(layer), ())
+            j = position.get(id(layer))
+            if j is None:
+                reads = "frozen (Sec. 5.1.1)" if layer is self._first and not self.train_first else "own input"
+                rows.append(PlanRow(names[id(layer)], None, reads, shape, None, None, "-" if "frozen" in reads
+                                    else "W and B" if layer.feedback.requires_grad else "W"))
+                continue
+            source, target, _ = self._shapes[j]
+            own = self._source[j] == self._slot[j]
+            feeds = "B" if self.shared_feeds_B_only else "W and B" if layer.feedback.requires_grad else "W"
+            rows.append(PlanRow(names[id(layer)], self._group[j] + 1,
+                                "own input" if own else f"input of {names[id(by_slot[self._source[j]])]}", target,
+                                None if own else source, None if own or source == target else self.match, feeds))
+        return rows
+
+    def _order(self, layer) -> int:
+        return list(self._input_shapes).index(id(layer)) if id(layer) in self._input_shapes else len(self._input_shapes)
+
     def pipeline_cuts(self) -> set[int]:
-        """Direct bases (ASFP-LC): a stage may not end inside a sharing group, whose later layers read
-        the input of its first (one process holds the group, so ``h~_m`` never crosses a boundary)."""
+        """Direct bases (ASFP-LC): a stage may not end between a shared activation's source and a layer
+        that reads it (one process holds both, so ``h~_m`` never crosses a boundary)."""
         cuts = super().pipeline_cuts()
         unit_of = {id(m): i for i in range(self.num_units()) for u in self.unit_modules(i) for m in u.modules()}
-        units = [unit_of[id(layer)] for layer in self._sharing]
-        for j in range(0, len(units), self.k):
-            group = units[j:j + self.k]
-            cuts -= set(range(min(group) + 1, max(group) + 1))
+        slot_unit = {s: unit_of[id(m)] for m, s in zip(self._sharing, self._slot)}
+        for j, layer in enumerate(self._sharing):
+            a, b = sorted((slot_unit[self._source[j]], unit_of[id(layer)]))
+            cuts -= set(range(a + 1, b + 1))
         return cuts
 
 
+def format_plan(rows: list[PlanRow]) -> str:
+    """The plan as a markdown table."""
+    from ..report import markdown_table
+
+    def shape(s):
+        return "x".join(map(str, s)) if s else "-"
+
+    return "\n".join(markdown_table(
+        ["layer", "group", "weight gradient reads", "input", "shared", "match", "trains"],
+        [[r.layer, r.group or "-", r.reads, shape(r.input_shape), shape(r.shared_shape), r.match or "-", r.feeds]
+         for r in rows])) + "\n"
+
+
+def _slots(model: nn.Module, layers: list[nn.Module]) -> list[int]:
+    """The slot index of each layer (in forward order): a module's ``sharing_slots`` (names of its
+    layers per slot) puts its layers together; any other layer is a slot of its own."""
+    owner: dict[int, tuple[int, int]] = {}
+    for m in model.modules():
+        for i, names in enumerate(getattr(m, "sharing_slots", ()) or ()):
+            for name in names:
+                try:
+                    owner[id(m.get_submodule(name))] = (id(m), i)
+                except AttributeError:
+                    pass  # an optional layer (an identity shortcut has no conv)
+    index: dict[object, int] = {}
+    return [index.setdefault(owner.get(id(layer), id(layer)), len(index)) for layer in layers]
+
+
 class SharingPolicy(FeedbackPolicy):
-    """One step of activation sharing: the first layer of group ``m`` records its input ``h~_m``; every
-    other layer of the group saves ``h~_m`` for its weight gradient, matched to its input in backward."""
+    """One step of activation sharing: a source slot's first layer records its input; every layer saves,
+    for its weight gradient, the input of its group's source slot, matched to its own input in backward."""
 
     def __init__(self, rule: SharedActivations):
         self.rule = rule
         self.position = {id(layer): j for j, layer in enumerate(rule._sharing)}  # this copy's layers
-        self.shared: dict[int, Tensor] = {}  # group -> h~_m, for this forward only
+        self.sources = set(rule._source)
+        self.shared: dict[int, Tensor] = {}  # slot -> its input, for this forward only
 
     def saved_activation(self, layer, x):
         j = self.position.get(id(layer))
-        if j is None:  # the frozen first layer: its own input
+        if j is None:  # the frozen first layer, or a layer that reads its own input
             return None
-        g, is_source, shape, conv = self.rule._plan[j]
-        if is_source:
-            self.shared[g] = x  # h~_m: this group's input
-            return None
-        method, C = self.rule.match, getattr(self.rule, f"match{j}", None)
-        return SavedActivation(self.shared[g], functools.partial(match_activation, shape=shape, method=method, C=C,
-                                                                  conv=conv), self.rule.shared_feeds_B_only)
+        rule, slot = self.rule, self.rule._slot[j]
+        if slot in self.sources:
+            self.shared.setdefault(slot, x)  # the slot's first layer to run records it
+        if rule._source[j] == slot:
+            return None  # its own input (saving x itself keeps no extra tensor)
+        source, target, conv = rule._shapes[j]
+        C = getattr(rule, f"match{j}", None)
+        return SavedActivation(self.shared[rule._source[j]],
+                               functools.partial(match_activation, shape=target, method=rule.match, C=C, conv=conv),
+                               rule.shared_feeds_B_only)
 
 
-def _forward_order(model: nn.Module, layers, calls: list[int], k: int, rule: str) -> list[nn.Module]:
+def _forward_order(model: nn.Module, layers, calls: list[int], shares: bool, rule: str) -> list[nn.Module]:
     """The layers that run, in the order they first run; with ``k > 1``, each must run exactly once.
 
     Where sharing applies: a group's later layers read the input of the group's first layer, so the
@@ -180,12 +286,12 @@ def _forward_order(model: nn.Module, layers, calls: list[int], k: int, rule: str
     per forward (shared weights, recurrence) has none, and needs ``k = 1`` (each layer its own input).
     """
     names = {id(m): n for n, m in model.named_modules()}
-    if k > 1:
+    if shares:
         for layer in layers:
             if calls.count(id(layer)) > 1:
-                raise ValueError(f"{rule} with k={k} shares activations along the order layers run in; "
+                raise ValueError(f"{rule} shares activations along the order layers run in; "
                                  f"{names.get(id(layer), '?')!r} runs {calls.count(id(layer))} times per forward: "
-                                 "use k=1, or a model whose Linear/Conv2d layers run once each")
+                                 "use k=1 with reading='group-input', or a model whose Linear/Conv2d layers run once each")
     first: dict[int, int] = {}
     for c in calls:
         first.setdefault(c, len(first))
