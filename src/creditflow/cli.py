@@ -248,6 +248,31 @@ def memory(model_names, rule_names, batch_size, num_classes, device, model_optio
         write_json(out, tables[model_list[0]] if len(tables) == 1 else tables)
 
 
+@main.command()
+@click.option("--model", "model_name", default="resnet18", show_default=True, help="model spec")
+@click.option("--rule", "rule_spec", default="asap", show_default=True,
+              help="an activation-sharing rule, options after colons (asap:k=4, as:reading=group-input)")
+@click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="extra model argument, e.g. width=16")
+def sharing(model_name, rule_spec, num_classes, model_option):
+    """Which activation every layer's weight (and B) gradient reads under activation sharing."""
+    from . import models
+    from .registry import RULES
+    from .rules import build_spec
+    from .rules.activation_sharing import format_plan
+
+    try:
+        rule = build_spec(rule_spec, models.build(model_name, num_classes=num_classes,
+                                                  **key_values(model_option, "--model-option")), num_classes)
+        plan = getattr(rule, "sharing_plan", None)
+        if plan is None:
+            able = [n for n in RULES.available() if hasattr(RULES.get(n).builder, "sharing_plan")]
+            raise ValueError(f"rule {rule_spec!r} shares no activations; rules that do: {', '.join(able)}")
+        click.echo(format_plan(plan()))
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+
+
 def listing(registry):
     width = max(len(n) for n in registry.entries)
     for name in registry.available():

@@ -90,3 +90,14 @@ def test_align_refuses_parallel_runs():
 
     result = CliRunner().invoke(main, ["align", "--parallel", "ddp"])
     assert result.exit_code != 0 and "align runs in one process" in result.output
+
+
+def test_sharing_prints_the_plan_and_refuses_other_rules():
+    from creditflow.cli import main
+
+    result = CliRunner().invoke(main, ["sharing", "--model", "resnet18", "--rule", "asap:k=4",
+                                       "--model-option", "width=4"])
+    assert result.exit_code == 0, result.output
+    assert "| 3.conv2 | 3 | input of 3.conv1 | 8x16x16 | 4x32x32 | max | W and B |" in result.output
+    result = CliRunner().invoke(main, ["sharing", "--rule", "dfa"])
+    assert result.exit_code != 0 and "rules that do: as, asap, asfp, asfp-lc" in result.output

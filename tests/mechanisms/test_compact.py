@@ -19,14 +19,15 @@ def grads(module: nn.Module, x: torch.Tensor, weight: torch.Tensor):
     return [x.grad] + [p.grad for p in module.parameters()]
 
 
-def test_mask_relu_is_relu_bit_for_bit_and_keeps_one_byte_per_element():
-    x = torch.randn(4, 5, 6)
-    x[0, 0, :3] = 0.0  # ReLU's derivative at 0 is 0 in PyTorch; the mask must agree
-    w = torch.randn(4, 5, 6)
+@pytest.mark.parametrize("shape", [(4, 5, 6), (3, 7), (2, 8, 4, 4)])  # 120, 21 (padded), 256 elements
+def test_mask_relu_is_relu_bit_for_bit_and_keeps_one_bit_per_element(shape):
+    x = torch.randn(*shape)
+    x.view(-1)[:3] = 0.0  # ReLU's derivative at 0 is 0 in PyTorch; the mask must agree
+    w = torch.randn(*shape)
     assert torch.equal(grads(MaskReLU(), x, w)[0], grads(nn.ReLU(), x, w)[0])
     x.requires_grad_()
     held = saved_tensor_bytes(lambda: MaskReLU()(x).sum().backward())
-    assert held == x.numel()  # booleans, not the 4-byte output
+    assert held == -(-x.numel() // 8)  # bits, packed eight to a byte, not the 4-byte output
     with torch.no_grad():
         assert torch.equal(MaskReLU()(x), torch.relu(x))
 
@@ -93,3 +94,13 @@ def test_compact_activations_keeps_parameters_buffers_and_state_dict_keys():
     assert compact_activations(nn.Sequential(nn.ReLU()), relu_mask=False) == 0
     with pytest.raises(ValueError, match="unknown saved_norm 'half'; available: input, normalized, bfloat16"):
         compact_activations(model, saved_norm="half")
+
+
+def test_bits_pack_and_unpack_to_the_same_mask():
+    from creditflow.mechanisms.compact import pack_bits, unpack_bits
+
+    for n in (1, 7, 8, 9, 64, 1000):
+        mask = torch.rand(n) > 0.5
+        packed = pack_bits(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8)
+        assert torch.equal(unpack_bits(packed, mask.shape), mask)

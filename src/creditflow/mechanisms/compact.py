@@ -5,8 +5,9 @@ PyTorch's ``nn.ReLU`` saves its float output for backward. Under BP that costs n
 because the next layer saves the same tensor as its input. Under activation sharing (ASAP) the
 next layer saves the *shared* activation instead, so the ReLU's output would stay alive for the
 ReLU alone, although its backward reads only where the output is positive. :class:`MaskReLU`
-saves that as one byte per element (``torch.bool``) instead of four; its gradients are those of
-``nn.ReLU`` bit for bit (the mask is ``output > 0``, what ``threshold_backward`` tests).
+saves that as one bit per element (the ``output > 0`` mask packed eight to a byte, 1/32 of the float
+output) and unpacks it in backward; its gradients are those of ``nn.ReLU`` bit for bit (the mask is
+what ``threshold_backward`` tests).
 ``nn.MaxPool2d`` saves its input too (its backward reads only the argmax positions and the input's
 shape); :class:`IndexMaxPool2d` keeps the positions alone, as int32.
 
@@ -31,21 +32,45 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
+_BITS = {}  # device -> the shifts 0..7 (uint8)
+
+
+def _shifts(device) -> Tensor:
+    if device not in _BITS:
+        _BITS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return _BITS[device]
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A bool tensor as uint8, eight elements a byte (little-endian bit order), zero-padded."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    return (flat.view(-1, 8).to(torch.uint8) << _shifts(mask.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
+    """The bool tensor of ``shape`` that :func:`pack_bits` packed."""
+    bits = (packed[:, None] >> _shifts(packed.device)) & 1
+    return bits.view(-1)[:shape.numel()].view(shape).bool()
+
+
 class _MaskReLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         out = torch.relu(x)
-        ctx.save_for_backward(out > 0)  # (same shape, bool): 1 byte per element, not 4
+        ctx.save_for_backward(pack_bits(out > 0))  # one bit per element, not 32
+        ctx.shape = out.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tensor:
-        (mask,) = ctx.saved_tensors
-        return grad_out * mask
+        (packed,) = ctx.saved_tensors
+        return grad_out * unpack_bits(packed, ctx.shape)
 
 
 class MaskReLU(nn.ReLU):
-    """``nn.ReLU`` whose backward keeps a boolean mask instead of the float output.
+    """``nn.ReLU`` whose backward keeps a bit-packed mask instead of the float output.
 
     An ``nn.ReLU`` (isinstance holds), so code that looks for activations still finds it;
     ``inplace`` is ignored under autograd (the mask is all backward needs).
