@@ -126,6 +126,7 @@ class ReproduceOptions(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
     seeds: int | None = Field(None, ge=1, description="override the budget's number of seeds")
     cells: str | None = Field(None, description="comma-separated cell ids to run (default: all)")
+    columns: str | None = Field(None, description="comma-separated columns (rules) to run (default: all)")
 
 
 def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[str], list[tuple[str, RunConfig]]]:
@@ -144,7 +145,8 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
     else:
         budget.update(preset.budgets.get("quick_overrides", {}).get(cell.id, {}))
     budget_model_options = preset.budgets.get(f"{opts.budget}_model_options", {})
-    columns = [c for c in preset.rules if c in cell.paper]
+    wanted = set(opts.columns.split(",")) if opts.columns else None
+    columns = [c for c in preset.rules if c in cell.paper and (wanted is None or c in wanted)]
     out = Path(opts.out or f"runs/reproduce-{preset.name}-{opts.budget}")
     runs = []
     for column in columns:
@@ -177,6 +179,8 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     wanted = set(opts.cells.split(",")) if opts.cells else None
     if wanted and (unknown := wanted - {c.id for c in preset.cells}):
         raise ValueError(f"unknown cell(s) {sorted(unknown)}; available: {', '.join(c.id for c in preset.cells)}")
+    if opts.columns and (unknown := set(opts.columns.split(",")) - set(preset.rules)):
+        raise ValueError(f"unknown column(s) {sorted(unknown)}; available: {', '.join(preset.rules)}")
     results: dict[str, Any] = {"preset": preset.name, "budget": opts.budget, "cells": {}}
     missing_data: dict[str, str] = {}
     for cell in preset.cells:
