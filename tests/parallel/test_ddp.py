@@ -22,7 +22,7 @@ NOT_EXACT = {"dtp": "the top target uses the gradient of the shard's mean loss, 
 #: every other registered rule: the same parameters as one process on the whole batch (float64: to 1e-12)
 EXACT = [name for name in cf.rules.available() if name not in NOT_EXACT]
 #: every registered rule, and the variants that train tensors outside the optimizer
-SPECS = [*cf.rules.available(), "ltas:update_early=true", "dtp:inverse_first=true"]
+SPECS = [*cf.rules.available(), "ltas:update_first=true", "las:update_first=true", "dtp:inverse_first=true"]
 SIZES = (8, 8, 7)  # global batches; 7 is cut 4 + 3: shard-size weighting
 
 

@@ -65,9 +65,14 @@ def test_las_matches_hand_derived_update():
     top = bp_grads(nn.Sequential(ref_model[1], ref_model[2]), h1.detach(), y)
     torch.testing.assert_close(model[1][0].weight.grad, top["0.0.weight"])
     torch.testing.assert_close(model[2].weight.grad, top["1.weight"])
-    # Module: gradient of ||B h_1 - a_L||^2, averaged over the batch (eq. 20-21).
+    # Module: Algorithm 1 line 13's update h_1 (y_1 - a_L)^T (descending), averaged over the batch:
+    # the gradient of local_scale * ||B h_1 - a_L||^2 with the default local_scale = 1/2.
     y1 = h1.detach() @ B.T
-    torch.testing.assert_close(rule.local[0].weight.grad, 2 * (y1 - logits.detach()).T @ h1.detach() / len(x))
+    torch.testing.assert_close(rule.local[0].weight.grad, (y1 - logits.detach()).T @ h1.detach() / len(x))
+    eq20 = cf.rules.build("las", copy.deepcopy(ref_model), num_classes=3, local_scale=1.0)  # eq. 20 as printed
+    eq20.local[0].weight.data.copy_(B)
+    eq20.step(x, y)
+    torch.testing.assert_close(eq20.local[0].weight.grad, 2 * rule.local[0].weight.grad)
     assert model[0].unused.grad is None
 
 
@@ -82,14 +87,15 @@ def test_ltas_module_learns_the_target_with_cross_entropy():
     torch.testing.assert_close(rule.local[0].weight.grad, ref)
 
 
-def test_conv_local_module_feedback_is_its_autograd_vjp():
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_conv_local_module_feedback_is_its_autograd_vjp(pool):
     torch.manual_seed(0)
     for k in (3, 5):
-        module = ConvLocal((4, 6, 5), num_classes=7, kernel_size=k).double()
+        module = ConvLocal((4, 6, 5), num_classes=7, kernel_size=k, pool=pool).double()
         h = torch.randn(3, 4, 6, 5, dtype=torch.float64, requires_grad=True)
         e = torch.randn(3, 7, dtype=torch.float64)
         (vjp,) = torch.autograd.grad(module(h), h, e)
-        torch.testing.assert_close(module.feedback(e), vjp)
+        torch.testing.assert_close(module.feedback(e, h.detach()), vjp)
     lin = LinearLocal((4, 2), num_classes=3).double()
     h = torch.randn(5, 4, 2, dtype=torch.float64, requires_grad=True)
     e = torch.randn(5, 3, dtype=torch.float64)
@@ -156,7 +162,7 @@ def test_ltas_early_update_steps_the_modules_before_sending_their_feedback():
     model = tiny_mlp(dims=(6, 5, 4, 3))
     x, y = batch(model.input_shape)
     ref_model = copy.deepcopy(model)
-    rule = cf.rules.build("ltas", model, num_classes=3, update_early=True, local_lr=0.5)
+    rule = cf.rules.build("ltas", model, num_classes=3, update_first=True, local_lr=0.5)
     module = copy.deepcopy(rule.local[0])
     assert not any(p is q for p in rule.trainable_parameters() for q in rule.local.parameters())
     rule.step(x, y)
@@ -167,4 +173,23 @@ def test_ltas_early_update_steps_the_modules_before_sending_their_feedback():
     logits = ref_model[2](ref_model[1](h1.detach()))
     (gW,) = torch.autograd.grad(h1, ref_model[0][0].weight, output_error(logits.detach(), y) @ updated)
     torch.testing.assert_close(model[0][0].weight.grad, gW)
+    assert rule.local[0].weight.grad is None
+
+
+def test_las_update_first_steps_the_modules_before_forming_delta():
+    """Algorithm 1, lines 13-14: B <- B - eta h_1 (y_1 - a_L)^T (descending), then delta_1 = (B e) f'(a_1)."""
+    model = tiny_mlp(dims=(6, 5, 4, 3))
+    x, y = batch(model.input_shape)
+    ref_model = copy.deepcopy(model)
+    rule = cf.rules.build("las", model, num_classes=3, update_first=True, local_lr=0.5)
+    B = rule.local[0].weight.detach().clone()
+    assert not any(p is q for p in rule.trainable_parameters() for q in rule.local.parameters())
+    rule.step(x, y)
+    a1 = x @ ref_model[0][0].weight.T + ref_model[0][0].bias
+    h1 = a1.clamp_min(0)
+    logits = ref_model[2](ref_model[1](h1)).detach()
+    updated = B - 0.5 * (h1 @ B.T - logits).T @ h1 / len(x)  # line 13, averaged over the batch
+    torch.testing.assert_close(rule.local[0].weight.detach(), updated)
+    delta1 = (output_error(logits, y) @ updated) * (a1 > 0).double()  # line 14, with the new B
+    torch.testing.assert_close(model[0][0].weight.grad, delta1.T @ x)
     assert rule.local[0].weight.grad is None

@@ -48,7 +48,7 @@ class LinearLocal(nn.Module):
             h = F.avg_pool2d(h, self.pool)
         return h.flatten(1) @ self.weight.T  # (N, C)
 
-    def feedback(self, e: Tensor) -> Tensor:
+    def feedback(self, e: Tensor, h: Tensor | None = None) -> Tensor:
         """VJP at any h: ``e @ weight``, shaped like the block output (through the pool's adjoint)."""
         if self.pool == 1:
             return (e @ self.weight).view(e.shape[0], *self.shape)
@@ -61,13 +61,19 @@ class LinearLocal(nn.Module):
         return F.conv_transpose2d(g, ones, stride=k, groups=d, output_padding=(H % k, W % k))
 
 
-class ConvLocal(nn.Module):
-    """A k x k convolution from the block's d planes to C planes, then global average pooling."""
+POOLS = ("avg", "max")
 
-    def __init__(self, shape: Sequence[int], num_classes: int, kernel_size: int = 3):
+
+class ConvLocal(nn.Module):
+    """A k x k convolution from the block's d planes to C planes, then global average (or max) pooling."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int, kernel_size: int = 3, pool: str = "avg"):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"local conv kernel_size must be odd (same padding), got {kernel_size}")
+        if pool not in POOLS:
+            raise ValueError(f"unknown local pool {pool!r}; available: {', '.join(POOLS)}")
+        self.pool = pool
         self.shape = torch.Size(shape)  # (d, H, W)
         self.padding = kernel_size // 2
         d = self.shape[0]
@@ -75,18 +81,26 @@ class ConvLocal(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, d, kernel_size, kernel_size).uniform_(-bound, bound))
 
     def forward(self, h: Tensor) -> Tensor:
-        return F.conv2d(h, self.weight, padding=self.padding).mean((2, 3))  # (N, C)
+        z = F.conv2d(h, self.weight, padding=self.padding)  # (N, C, H, W)
+        return z.mean((2, 3)) if self.pool == "avg" else z.amax((2, 3))  # (N, C)
 
-    def feedback(self, e: Tensor) -> Tensor:
-        """VJP at any h: the pooling spreads ``e`` over H x W, the conv's adjoint is conv_transpose."""
+    def feedback(self, e: Tensor, h: Tensor | None = None) -> Tensor:
+        """VJP at ``h``: the pooling's adjoint (average: ``e`` spread over H x W, at any ``h``; max: ``e``
+        at each plane's argmax, which needs ``h``), then the conv's adjoint, a transposed convolution."""
         _, H, W = self.shape
-        spread = (e / (H * W))[:, :, None, None].expand(-1, -1, H, W)
+        if self.pool == "avg":
+            spread = (e / (H * W))[:, :, None, None].expand(-1, -1, H, W)
+        else:
+            if h is None:
+                raise ValueError("a max-pooled local module's feedback depends on the block output: pass h")
+            z = F.conv2d(h, self.weight, padding=self.padding).flatten(2)  # (N, C, H*W)
+            spread = torch.zeros_like(z).scatter_(2, z.argmax(2, keepdim=True), e[:, :, None]).view(-1, e.shape[1], H, W)
         return F.conv_transpose2d(spread, self.weight, padding=self.padding)  # (N, d, H, W)
 
 
-def local_module(shape: Sequence[int], num_classes: int, kernel_size: int = 3) -> nn.Module:
-    """The paper's module for a block output of ``shape``: conv+pool for (d, H, W), linear otherwise."""
-    return ConvLocal(shape, num_classes, kernel_size) if len(shape) == 3 else LinearLocal(shape, num_classes)
+def local_module(shape: Sequence[int], num_classes: int, kernel_size: int = 3, pool: str = "avg") -> nn.Module:
+    """The paper's module for a block output of ``shape``: conv + global pool for (d, H, W), linear otherwise."""
+    return ConvLocal(shape, num_classes, kernel_size, pool) if len(shape) == 3 else LinearLocal(shape, num_classes)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ backward through one graph, :class:`DataParallel` synchronises explicitly around
 3. after ``rule.step``: each trained tensor's ``.grad`` is averaged over ranks, weighted by shard
    size (so a mean-reduced loss gives exactly the gradient of the concatenated batch), in flat
    buckets, one all-reduce per bucket; tensors the rule trains itself outside the optimizer (LTAS
-   ``update_early`` modules, DTP ``inverse_first`` inverses) are averaged the same way; buffers a
+   ``update_first`` modules, DTP ``inverse_first`` inverses) are averaged the same way; buffers a
    rule rewrites every step (``Rule.mutable_buffers``: sign-symmetric and mirrored feedback) are
    broadcast from rank 0;
 4. end of each epoch: BatchNorm running statistics are averaged over ranks, every other buffer is
@@ -108,7 +108,7 @@ class DataParallel:
         in_optimizer = {id(p) for p in rule.trainable_parameters()}
         everything = list(rule.parameters())
         self._trained = [p for p in everything if id(p) in in_optimizer]
-        # trained by the rule itself inside step (LTAS update_early, DTP inverse_first)
+        # trained by the rule itself inside step (LAS/LTAS update_first, DTP inverse_first)
         self._self_trained = [p for p in everything if p.requires_grad and id(p) not in in_optimizer]
         mutable = set(getattr(rule, "mutable_buffers", ()))
         named = list(rule.named_buffers())

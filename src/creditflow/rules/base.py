@@ -115,7 +115,7 @@ class Rule(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
 
     def self_trained(self) -> list[nn.Parameter]:
-        """Tensors the rule updates itself inside ``step`` (LTAS ``update_early``), outside the optimizer."""
+        """Tensors the rule updates itself inside ``step`` (LAS/LTAS ``update_first``), outside the optimizer."""
         return []
 
     def forward(self, x: Tensor) -> Tensor:
@@ -399,6 +399,7 @@ class DirectRule(UnitRule):
         logits = error.logits if error is not None else None
         if e is None and outputs:  # rules whose signals need no output may still read e's shape and dtype
             e = torch.zeros((), dtype=outputs[0].dtype, device=y.device).expand(len(y), self.num_classes)
+        self.before_signals(outputs, logits, y, blocks)
         with torch.no_grad():
             signals = self.signals(e, y, outputs, blocks) if outputs else []
         local = self.local_loss(outputs, logits, y, blocks) if outputs else None
@@ -423,6 +424,9 @@ class DirectRule(UnitRule):
     def local_loss(self, outputs: list[Tensor], logits: Tensor | None, target: Tensor, blocks: range) -> Tensor | None:
         """A loss on rule-owned modules fed with the detached outputs of ``blocks`` (LAS/LTAS), or None."""
         return None
+
+    def before_signals(self, outputs: list[Tensor], logits: Tensor | None, target: Tensor, blocks: range) -> None:
+        """Before the signals are formed (LAS/LTAS ``update_first``: the modules take their own step)."""
 
     # -- diagnostics ------------------------------------------------------------------------------
 
