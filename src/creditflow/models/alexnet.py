@@ -8,7 +8,8 @@ from ..registry import register_model
 from .blocks import BlockNet, parse_dims
 
 
-def alexnet(spec: str = "", *, input_shape=(3, 32, 32), num_classes: int = 10, fc: str = "1024-1024") -> BlockNet:
+def alexnet(spec: str = "", *, input_shape=(3, 32, 32), num_classes: int = 10, fc: str = "1024-1024",
+            batch_norm: bool = False) -> BlockNet:
     """``64 Conv3x3 - 128 Conv3x3 - 256 Conv3x3 - 1024 FC - 1024 FC - C FC`` (6 blocks).
 
     Convs have stride 1 and padding 2 (as the thesis states), each followed by ReLU and a 2x2
@@ -16,24 +17,30 @@ def alexnet(spec: str = "", *, input_shape=(3, 32, 32), num_classes: int = 10, f
     32x32 input would take 256*38*38 inputs, so we assume AlexNet's usual pooling after each conv.
     Map sizes: 28 -> 15 -> 8 -> 5, 32 -> 17 -> 9 -> 5, 64 -> 33 -> 17 -> 9.
     ``spec`` overrides the conv channels (``"64-128-256"``), ``fc`` the hidden FC widths.
+    ``batch_norm=True`` puts BatchNorm after every layer, the logits included, as the authors' code
+    (``code/convnet.py``) does; the thesis's text names none.
     """
     channels = parse_dims(spec or "64-128-256", "alexnet-asap channels")
     widths = parse_dims(fc, "alexnet-asap fc widths")
     c, h, w = input_shape
     blocks: list[nn.Module] = []
     for c_out in channels:
-        blocks.append(nn.Sequential(nn.Conv2d(c, c_out, 3, stride=1, padding=2), nn.ReLU(), nn.MaxPool2d(2, 2)))
+        norm = [nn.BatchNorm2d(c_out)] if batch_norm else []
+        blocks.append(nn.Sequential(nn.Conv2d(c, c_out, 3, stride=1, padding=2), *norm, nn.ReLU(), nn.MaxPool2d(2, 2)))
         c, h, w = c_out, (h + 2) // 2, (w + 2) // 2
     d = c * h * w
     for i, width in enumerate(widths):
-        blocks.append(nn.Sequential(*([nn.Flatten()] if i == 0 else []), nn.Linear(d, width), nn.ReLU()))
+        norm = [nn.BatchNorm1d(width)] if batch_norm else []
+        blocks.append(nn.Sequential(*([nn.Flatten()] if i == 0 else []), nn.Linear(d, width), *norm, nn.ReLU()))
         d = width
-    blocks.append(nn.Linear(d, num_classes))
+    blocks.append(nn.Sequential(nn.Linear(d, num_classes), nn.BatchNorm1d(num_classes)) if batch_norm
+                  else nn.Linear(d, num_classes))
     net = BlockNet(blocks, input_shape)
     # Activation sharing as the authors' code (code/convnet.py) lays it out: the convs after the frozen
     # first share (one group at k = 2: conv3 reads conv2's input, the pooled stem output); the fully
     # connected classifier reads its own inputs (FA-like).
-    fc = [f"{len(channels) + i}.{1 if i == 0 else 0}" for i in range(len(widths))] + [str(len(blocks) - 1)]
+    fc = [f"{len(channels) + i}.{1 if i == 0 else 0}" for i in range(len(widths))]
+    fc.append(f"{len(blocks) - 1}.0" if batch_norm else str(len(blocks) - 1))
     net.activation_sharing = {"own_input": fc}
     return net
 
