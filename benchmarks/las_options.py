@@ -12,14 +12,14 @@ import statistics
 import click
 
 from creditflow.report import markdown_table
-from creditflow.train import RunConfig, train
+from creditflow.train import NonFiniteLoss, RunConfig, train
 
 VARIANTS = {  # name: (model, rule, rule options)
     "las (default)": ("mlp:784-256-256-10", "las", {}),
     "las local_scale=1 (eq. 20)": ("mlp:784-256-256-10", "las", {"local_scale": 1.0}),
-    "las update_first (Alg. 1 l. 13-14)": ("mlp:784-256-256-10", "las", {"update_first": True, "local_lr": 0.05}),
+    "las update_first (Alg. 1 l. 13-14)": ("mlp:784-256-256-10", "las", {"update_first": True, "local_lr": 0.01}),
     "ltas": ("mlp:784-256-256-10", "ltas", {}),
-    "ltas update_first (Alg. 2 l. 5)": ("mlp:784-256-256-10", "ltas", {"update_first": True, "local_lr": 0.05}),
+    "ltas update_first (Alg. 2 l. 5)": ("mlp:784-256-256-10", "ltas", {"update_first": True, "local_lr": 0.01}),
     "las conv3 local_pool=avg": ("conv3", "las", {"local_pool": "avg"}),
     "las conv3 local_pool=max": ("conv3", "las", {"local_pool": "max"}),
 }
@@ -29,7 +29,7 @@ VARIANTS = {  # name: (model, rule, rule options)
 @click.option("--epochs", default=5, show_default=True)
 @click.option("--seeds", default=2, show_default=True)
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
-@click.option("--lr", default=0.05, show_default=True)
+@click.option("--lr", default=0.01, show_default=True)
 @click.option("--out", default="runs/las-options", show_default=True)
 def main(epochs, seeds, optimizer, lr, out):
     rows = []
@@ -39,9 +39,14 @@ def main(epochs, seeds, optimizer, lr, out):
             cfg = RunConfig(rule=rule, model=model, dataset="fashion-mnist-mini", epochs=epochs, optimizer=optimizer,
                             lr=lr, momentum=0.9, seed=seed, rule_options=options, device="cpu",
                             out=f"{out}/{name.split(' (')[0].replace(' ', '_').replace('=', '-')}/seed{seed}")
-            accs.append(train(cfg, resume=True, progress=False)["test_acc"])
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        rows.append([name, model, f"{statistics.fmean(accs):.4f} ± {sd:.4f}"])
+            try:
+                accs.append(train(cfg, resume=True, progress=False)["test_acc"])
+            except NonFiniteLoss:
+                accs.append(None)  # diverged
+        done = [a for a in accs if a is not None]
+        sd = statistics.stdev(done) if len(done) > 1 else 0.0
+        cell = f"{statistics.fmean(done):.4f} ± {sd:.4f}" if done else "diverged"
+        rows.append([name, model, cell + (f" ({len(accs) - len(done)} diverged)" if done and len(done) < len(accs) else "")])
     print(f"fashion-mnist-mini, {epochs} epochs, {optimizer} lr {lr}, seeds 0..{seeds - 1}\n")
     print("\n".join(markdown_table(["variant", "model", "test acc"], rows)))
 
