@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import io
 import logging
 import time
 from collections import deque
@@ -52,6 +51,7 @@ from torch import Tensor
 
 from ..train.trainer import EXPECTED_ERRORS, DataInfo, EpochTotals, Strategy, Trainer, register_strategy
 from .launch import launch, resolve_device, worker_device
+from .messages import broadcast, gather, pack, unpack
 from ..rules.base import OutputError
 from .stages import BALANCES, Plan, Stage, check_pipelinable, make_plan, pipelinable_rules
 
@@ -323,7 +323,7 @@ class Runner:
 # --- process setup shared by the trainer and fit() -----------------------------------------------
 
 class Groups(NamedTuple):
-    control: Any  # gloo: Python objects (plan, states, metrics, end of epoch)
+    control: Any  # gloo: plain-data messages (plan, states, metrics, end of epoch; parallel/messages.py)
     errors: Any  # the error channel
 
 
@@ -336,12 +336,6 @@ def make_groups() -> Groups:
     world = list(range(dist.get_world_size()))
     control = dist.new_group(world, backend="gloo", timeout=CONTROL_TIMEOUT)
     return Groups(control, dist.new_group(world))
-
-
-def broadcast(obj, group, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
 
 
 def error_receivers(rule, plan: Plan) -> list[int]:
@@ -369,18 +363,6 @@ def to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(v) for v in obj)
     return obj
-
-
-def pack(obj) -> bytes:
-    """``obj`` as bytes: tensors in a worker's result would otherwise travel as shared-memory handles
-    that die with the worker (torch.multiprocessing's pickler), a race with the parent's read."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def unpack(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def merge_states(base: dict[str, Tensor], parts: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -435,7 +417,8 @@ def _fit_worker(rank, world, rule, batches, optimizer, local_lr, stages, schedul
     device = worker_device()
     groups = make_groups()
     batch_size = max(len(y) for _, y in batches)
-    plan = broadcast(make_plan(rule, stages, balance, batch_size, device) if rank == 0 else None, groups.control)
+    plan = make_plan(rule, stages, balance, batch_size, device) if rank == 0 else None
+    plan = Plan.from_plain(broadcast(plan.plain() if plan is not None else None, groups.control))
     base = {n: t.detach().clone() for n, t in rule.state_dict().items()} if rank == 0 else None
     stage, links = setup_stage(rule, plan, rank, device, groups, batch_size)
     groups_ = stage.param_groups(local_lr)
@@ -443,11 +426,11 @@ def _fit_worker(rank, world, rule, batches, optimizer, local_lr, stages, schedul
     runner = Runner(stage, links, schedule, opt, step_hook, profile=profile, record_losses=True)
     it = ((x.to(device), y.to(device)) for x, y in batches) if rank == 0 else None
     stats = runner.run_epoch(len(batches), it, warmup)
-    reports = [None] * world if rank == 0 else None
-    dist.gather_object((stage.owned_state(), stats), reports, dst=0, group=groups.control)
+    reports = gather((to_cpu(stage.owned_state()), stats._asdict()), groups.control)
     if rank != 0:
         return None
     states, all_stats = zip(*reports)
+    all_stats = [EpochStats(**s) for s in all_stats]
     losses = [sum(v) for v in zip(*(s.losses for s in all_stats))]  # each stage's part of the step's loss
     seconds = max(s.end for s in all_stats) - all_stats[0].start_timed
     timed = sum(len(y) for _, y in batches[warmup:])
@@ -496,8 +479,8 @@ class PipelineStrategy(Strategy):
 
     def load_data(self, load):
         splits = load() if self.is_main else None
-        info = DataInfo(tuple(splits.shape), splits.num_classes, len(splits.train)) if self.is_main else None
-        return splits, broadcast(info, self.groups.control)
+        info = DataInfo(tuple(splits.shape), splits.num_classes, len(splits.train))._asdict() if self.is_main else None
+        return splits, DataInfo(**broadcast(info, self.groups.control))
 
     def prepare(self, rule, checkpoint):
         super().prepare(rule, checkpoint)
@@ -511,7 +494,7 @@ class PipelineStrategy(Strategy):
                 log.info("%s", line)
             # the fixed tensors (feedback matrices) are the same everywhere; the trained ones come from their stage
             self.base = {n: t.detach().to("cpu", copy=True) for n, t in rule.state_dict().items()}
-        self.plan = broadcast(plan, self.groups.control)
+        self.plan = Plan.from_plain(broadcast(plan.plain() if plan is not None else None, self.groups.control))
         self.stage, self.links = setup_stage(rule, self.plan, self.rank, self.device, self.groups, cfg.batch_size)
 
     def param_groups(self, rule):
@@ -528,10 +511,11 @@ class PipelineStrategy(Strategy):
         trainer.global_step = runner.global_step - steps
         trainer.advance(steps)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        reports = self.gather((stats, peak))
+        reports = self.gather((stats._asdict(), peak))
         if not self.is_main:
             return None
         all_stats, peaks = zip(*reports)
+        all_stats = [EpochStats(**s) for s in all_stats]
         metrics: dict[str, float] = {}
         for s in all_stats:
             metrics.update({n: v / max(s.steps, 1) for n, v in s.metrics.items()})
@@ -542,9 +526,7 @@ class PipelineStrategy(Strategy):
                            [round(s.busy_s, 4) for s in all_stats], [round(s.wait_s, 4) for s in all_stats])
 
     def gather(self, obj):
-        reports = [None] * self.world_size if self.is_main else None
-        dist.gather_object(to_cpu(obj), reports, dst=0, group=self.groups.control)
-        return reports
+        return gather(to_cpu(obj), self.groups.control)
 
     def share(self, obj):
         return broadcast(obj, self.groups.control)
