@@ -9,6 +9,7 @@ someone shares cannot run code on the reader's machine.
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,11 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    # serialised in memory first: torch.save writing into a full disk raises a RuntimeError from its zip
+    # writer that hides the cause; a plain write raises OSError(ENOSPC), which names the file
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -33,12 +33,16 @@ from .metrics import read_jsonl, summarize, write_jsonl, write_summary
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+class Diverged(RuntimeError):
+    """Training stopped because the loss diverged; the message says whether a checkpoint is kept."""
 
 
-#: failures the CLI reports in one line, from any process of a run
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NonFiniteLoss)
+class NonFiniteLoss(Diverged):
+    """Training produced a NaN/Inf loss."""
+
+
+#: failures a worker re-raises as themselves (what one process would have raised), reported in one line
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, Diverged)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -523,6 +527,6 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-__all__ = ["Callback", "DataInfo", "EXPECTED_ERRORS", "EpochTotals", "NonFiniteLoss", "STRATEGIES", "SingleProcess", "Strategy",
+__all__ = ["Callback", "DataInfo", "Diverged", "EXPECTED_ERRORS", "EpochTotals", "NonFiniteLoss", "STRATEGIES", "SingleProcess", "Strategy",
            "Trainer", "build_rule", "build_run", "evaluate", "make_optimizer", "make_scheduler", "register_strategy",
            "resolve_device", "train"]
