@@ -98,11 +98,19 @@ def common(command):
     return job_options(command)
 
 
+def training(command):
+    """``train``'s own flags besides :func:`common`."""
+    return click.option("--extend", is_flag=True,
+                        help="continue a finished run with more --epochs, the rest of its config unchanged")(command)
+
+
 def job_options(command):
     """What every job command takes besides its schema: a config file, quiet, rule and model options."""
     command = click.option("--config", "config_file", type=click.Path(dir_okay=False),
                            help="YAML file with any of these options")(command)
     command = click.option("--quiet", is_flag=True, help="no progress bar or epoch log")(command)
+    command = click.option("--overwrite", is_flag=True,
+                           help="replace the run in --out even if its config differs")(command)
     command = click.option("--rule-option", multiple=True, metavar="KEY=VALUE",
                            help="extra rule argument, e.g. feedback_scale=0.5")(command)
     command = click.option("--model-option", multiple=True, metavar="KEY=VALUE",
@@ -194,21 +202,23 @@ def main():
 main.params.append(debug_option())  # `creditflow --debug train ...` as well as `creditflow train --debug`
 
 
-def run_job(schema, job, config_file, resume, quiet, rule_option, model_option, flags):
-    """Resolve the config and run ``job(cfg, resume=, progress=)`` (failures: :class:`Main`)."""
+def run_job(schema, job, config_file, quiet, rule_option, model_option, flags, **how):
+    """Resolve the config and run ``job(cfg, progress=, **how)`` (failures: :class:`Main`)."""
     cfg = resolve(schema, config_file, flags, rule_option, model_option)
     progress = setup_logging(quiet)
-    return cfg, job(cfg, resume=resume, progress=progress)
+    return cfg, job(cfg, progress=progress, **how)
 
 
 @main.command()
 @common
+@training
 @schema_options(RunConfig)
-def train(config_file, resume, quiet, rule_option, model_option, **flags):
+def train(config_file, resume, extend, overwrite, quiet, rule_option, model_option, **flags):
     """Train one rule on one model and dataset; writes config, metrics, checkpoint, summary."""
     from .train import train as run_train
 
-    cfg, summary = run_job(RunConfig, run_train, config_file, resume, quiet, rule_option, model_option, flags)
+    cfg, summary = run_job(RunConfig, run_train, config_file, quiet, rule_option, model_option, flags,
+                           resume=resume, extend=extend, overwrite=overwrite)
     if summary is None:  # a non-zero rank of a torchrun launch: rank 0 reports
         return
     click.echo(f"{cfg.rule}: test accuracy {summary['test_acc']:.4f} at best validation epoch "
@@ -218,12 +228,13 @@ def train(config_file, resume, quiet, rule_option, model_option, **flags):
 @main.command()
 @common
 @schema_options(CompareConfig, exclude={"rule"})
-def compare(config_file, resume, quiet, rule_option, model_option, **flags):
+def compare(config_file, resume, overwrite, quiet, rule_option, model_option, **flags):
     """Compare rules on the same model, data and seeds (default: BP, Shallow, FA, DFA on the embedded data)."""
     from .jobs.compare import compare as run_compare
     from .jobs.compare import to_markdown
 
-    cfg, rows = run_job(CompareConfig, run_compare, config_file, resume, quiet, rule_option, model_option, flags)
+    cfg, rows = run_job(CompareConfig, run_compare, config_file, quiet, rule_option, model_option, flags,
+                        resume=resume, overwrite=overwrite)
     click.echo(to_markdown(rows, cfg))
     click.echo(f"results in {cfg.out_dir()}/results.md, results.csv, results.json")
 
@@ -231,14 +242,12 @@ def compare(config_file, resume, quiet, rule_option, model_option, **flags):
 @main.command()
 @job_options
 @schema_options(AlignConfig, exclude={"rule"})
-def align(config_file, quiet, rule_option, model_option, **flags):
+def align(config_file, overwrite, quiet, rule_option, model_option, **flags):
     """Train rules from one initialisation; measure each block's signal against BP's gradient (cosine)."""
     from .jobs.align import align as run_align, to_markdown
 
-    def job(cfg, resume, progress):  # short runs: nothing to resume
-        return run_align(cfg, progress=progress)
-
-    cfg, summary = run_job(AlignConfig, job, config_file, False, quiet, rule_option, model_option, flags)
+    cfg, summary = run_job(AlignConfig, run_align, config_file, quiet, rule_option, model_option, flags,
+                           overwrite=overwrite)  # short runs: nothing to resume
     click.echo(to_markdown(summary))
     plots = ", alignment.png, alignment.svg" if cfg.plot else ""
     click.echo(f"results in {cfg.out_dir()}/alignment.jsonl, alignment.csv, summary.json{plots}")

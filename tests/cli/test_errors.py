@@ -112,3 +112,20 @@ def test_debug_shows_the_traceback(tmp_path, how):
     args = {"flag": [*args, "--debug"], "group flag": ["--debug", *args], "env": args}[how]
     result = CliRunner().invoke(main, args, env={"CREDITFLOW_DEBUG": "1"} if how == "env" else None)
     assert result.exit_code == 1 and type(result.exception).__name__ == "ConfigError"
+
+
+def test_a_missing_data_dir_stops_the_run_naming_it(tmp_path):
+    line = fails_in_one_line("train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"),
+                             "--out", str(tmp_path / "run"), *TINY)
+    assert line.startswith(f"Error: dataset 'mnist' not in --data-dir {tmp_path / 'nowhere'}: looked in")
+    assert "train-images-idx3-ubyte" in line and not (tmp_path / "run").exists()
+
+
+def test_the_run_records_the_files_it_read(finished):
+    import hashlib
+    import json
+    from pathlib import Path
+
+    files = json.loads((finished / "summary.json").read_text())["data"]["files"]
+    assert len(files) == 1 and files[0]["sha256"] == hashlib.sha256(Path(files[0]["path"]).read_bytes()).hexdigest()
+    assert f"# data read: {files[0]['path']} (1 file" in (finished / "config.yaml").read_text()

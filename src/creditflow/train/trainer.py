@@ -14,8 +14,10 @@ Every process of a run runs the same ``Trainer.fit``; the strategy says which is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -27,8 +29,9 @@ from .. import data, models, rules
 from ..diagnostics import saved_tensor_bytes
 from ..mechanisms.modes import eval_mode
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
-from .config import RunConfig, dump_yaml
+from .config import PLACEMENT_KEYS, RunConfig, dump_yaml
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
+from .runfolder import claim, config_diff
 
 log = logging.getLogger(__name__)
 
@@ -293,12 +296,26 @@ def register_strategy(name: str):
     return decorate
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
-          callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
-    """Train ``cfg`` to the end (or continue it with ``resume``) and return the summary."""
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, callbacks: Sequence[Callback] = (),
+          overwrite: bool = False, extend: bool = False) -> dict[str, Any] | None:
+    """Train ``cfg`` to the end (or continue it with ``resume``) and return the summary.
+
+    The run folder is claimed first (:func:`~creditflow.train.runfolder.claim`): locked for this
+    process, refused if it holds another run (unless ``overwrite``). ``extend``: continue a run
+    with more ``epochs``, the rest of its config unchanged.
+    """
+    cfg = cfg.model_copy(update={"out": str(cfg.out_dir())})  # config.yaml records where the run is
+    if extend:
+        if cfg.schedule == "cosine":  # its period is the epoch count: a longer run is another schedule
+            raise ValueError("--extend cannot lengthen a cosine schedule (its period is --epochs); start a new run")
+        resume = True
     if cfg.parallel not in STRATEGIES:
         import creditflow.parallel  # noqa: F401  (registers ddp and pipeline; import creditflow does it too)
-    return STRATEGIES[cfg.parallel].run(cfg, resume=resume, progress=progress, callbacks=callbacks)
+    # one process claims the folder: this one, or rank 0 of a torchrun launch (every rank runs train())
+    owner = int(os.environ.get("RANK", "0")) == 0
+    with (claim(cfg.out_dir(), cfg.model_dump(mode="json"), resume=resume, overwrite=overwrite, extend=extend,
+                ignore=PLACEMENT_KEYS) if owner else contextlib.nullcontext()):
+        return STRATEGIES[cfg.parallel].run(cfg, resume=resume, progress=progress, callbacks=callbacks)
 
 
 class Trainer:
@@ -376,7 +393,7 @@ class Trainer:
                 log.info("resuming %s at epoch %d", out, start + 1)
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            write_text(out / "config.yaml", dump_yaml(cfg))
+            write_text(out / "config.yaml", dump_yaml(cfg) + data_comment(splits))
         steps = math.ceil(info.train_size / cfg.batch_size)
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
@@ -426,6 +443,7 @@ class Trainer:
         summary = None
         if main:
             summary = summarize(rows, cfg.model_dump(mode="json"))
+            summary["data"] = {"origin": splits.origin, "files": list(splits.files)}
             if strategy.describe() is not None:
                 summary[strategy.name] = strategy.describe()
             write_summary(out / "summary.json", summary)
@@ -483,18 +501,15 @@ class Trainer:
                 torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
 
 
-#: config keys that say where a run's work happens, not what it computes: a run resumes across them
-PLACEMENT_KEYS = frozenset({"stages", "backend"})
-
-
 def check_resumable(saved: dict[str, Any], cfg: RunConfig, out) -> None:
-    """One-line ValueError naming the keys in which ``cfg`` differs from the run saved in ``out``."""
-    now = cfg.model_dump(mode="json")
-    keys = sorted(k for k in saved.keys() | now.keys() if k not in PLACEMENT_KEYS and saved.get(k) != now.get(k))
-    if keys:
-        diff = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys)
-        raise ValueError(f"cannot resume {out}: its config differs in {diff}; use the saved config.yaml "
-                         "or another --out")
+    """One-line ValueError naming the keys in which ``cfg`` differs from the run checkpointed in ``out``.
+
+    ``epochs`` may differ: :func:`train` let it (``--extend``) or refused it, from ``config.yaml``.
+    """
+    diff = config_diff(saved, cfg.model_dump(mode="json"), PLACEMENT_KEYS | {"epochs"})
+    if diff:
+        raise ValueError(f"cannot resume {out}: its checkpoint's config differs in {', '.join(diff)}; use the "
+                         "saved config.yaml or another --out")
 
 
 def named_optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
@@ -521,6 +536,13 @@ def load_named_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]
             if source is not None:
                 g.update({k: v for k, v in source.items() if k != "names"})
     opt.load_state_dict(sd)
+
+
+def data_comment(splits) -> str:
+    """Comment lines for config.yaml naming the data files this start read (YAML ignores them)."""
+    lines = [f"# data read: {f['path']} ({f.get('files', 1)} file{'s' if f.get('files', 1) > 1 else ''}, "
+             f"{f['bytes']} bytes, sha256 {f['sha256']})" for f in splits.files]
+    return "".join(line + "\n" for line in lines)
 
 
 def _fmt(v) -> str:
