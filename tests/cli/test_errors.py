@@ -129,3 +129,10 @@ def test_the_run_records_the_files_it_read(finished):
     files = json.loads((finished / "summary.json").read_text())["data"]["files"]
     assert len(files) == 1 and files[0]["sha256"] == hashlib.sha256(Path(files[0]["path"]).read_bytes()).hexdigest()
     assert f"# data read: {files[0]['path']} (1 file" in (finished / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("mode", [["--parallel", "ddp"], ["--parallel", "pipeline", "--rule", "dfa"]])
+def test_divergence_under_ddp_and_pipeline_is_one_line(tmp_path, mode):
+    line = fails_in_one_line("train", *mode, "--lr", "1e6", "--out", str(tmp_path / "run"), *TINY[:5], "3",
+                             *TINY[6:])
+    assert "epoch 1 step 2: training loss" in line and "no checkpoint was written" in line

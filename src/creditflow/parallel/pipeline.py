@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..train.trainer import EXPECTED_ERRORS, DataInfo, EpochTotals, Strategy, Trainer, register_strategy
-from .launch import launch, resolve_device, worker_device
+from .launch import launch, resolve_device, warn_if_oversubscribed, worker_device
 from .messages import broadcast, gather, pack, unpack
 from ..rules.base import OutputError
 from .stages import BALANCES, Plan, Stage, check_pipelinable, make_plan, pipelinable_rules
@@ -183,6 +183,7 @@ class EpochStats(NamedTuple):
     busy_s: float  # forward, update and optimizer step
     wait_s: float  # blocked on a message
     losses: list[float]  # per step (only with record_losses)
+    diverged: tuple[int, float, float] | None = None  # (global step, loss, first loss): this stage's first diverged step
 
 
 class Runner:
@@ -190,10 +191,11 @@ class Runner:
 
     def __init__(self, stage: Stage, links: Links, schedule: str, optimizer: torch.optim.Optimizer,
                  step_hook: Callable[[int, int], None] | None = None, profile: bool = False,
-                 record_losses: bool = False):
+                 record_losses: bool = False, watch=None):
         self.stage, self.links, self.opt = stage, links, optimizer
         self.schedule, self.lag = schedule, lag(stage, schedule)
         self.hook, self.profile, self.record_losses = step_hook, profile, record_losses
+        self.watch = watch  # the trainer's DivergenceWatch: this stage's part of each step's loss
         self.global_step = 0
         self.cuda = getattr(stage, "device", torch.device("cpu")).type == "cuda"
 
@@ -267,6 +269,8 @@ class Runner:
                 if len(decode_queue) > decode_lag:
                     wait += self._decode_oldest(decode_queue, correct)
             loss_sum += step_loss * len(y)
+            if self.watch is not None:
+                self.watch.observe(self.global_step, step_loss)
             if self.record_losses:
                 losses.append(float(step_loss))
             seen += len(y)
@@ -289,7 +293,7 @@ class Runner:
         counts = stage.is_first if runs_down else stage.is_last  # who sees the prediction
         return EpochStats(loss_sum.item(), int(correct.item()) if counts else None, seen, steps,
                           {n: float(v) for n, v in metric_sums.items()}, start, start_timed, end, busy, wait,
-                          losses)
+                          losses, self.watch.check() if self.watch is not None else None)
 
     def _update(self, record, pairs, error, metric_sums) -> Tensor | None:
         part = self.stage.update(record, pairs, error)
@@ -464,6 +468,7 @@ class PipelineStrategy(Strategy):
             raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: {BACKWARD_LOCKED}; the pipeline runs "
                              f"{', '.join(pipelinable_rules())}")
         device = resolve_device(cfg.device)
+        warn_if_oversubscribed(cfg.stages, "--stages", device)
         args = (cfg.model_dump(mode="json"), resume, progress, list(callbacks))
         return launch(_stage_main, cfg.stages, args, backend=cfg.backend, device=device, timeout_s=timeout_s,
                       role="stage", unwrap=EXPECTED_ERRORS)[0]
@@ -504,8 +509,10 @@ class PipelineStrategy(Strategy):
         return self.is_main
 
     def run_epoch(self, trainer, batches, steps, epoch):
+        # divergence is seen per stage (its part of the loss) and reported at epoch end, with its step: a
+        # stage stopping alone mid-epoch would leave its neighbours waiting on the data channels
         runner = Runner(self.stage, self.links, self.cfg.pipeline_schedule, trainer.optimizer,
-                        lambda stage, step: trainer.step_started(step))
+                        lambda stage, step: trainer.step_started(step), watch=trainer.watch)
         runner.global_step = trainer.global_step
         stats = runner.run_epoch(steps, batches)
         trainer.global_step = runner.global_step - steps
@@ -516,6 +523,7 @@ class PipelineStrategy(Strategy):
             return None
         all_stats, peaks = zip(*reports)
         all_stats = [EpochStats(**s) for s in all_stats]
+        trainer.check_divergence(min((tuple(s.diverged) for s in all_stats if s.diverged), default=None))
         metrics: dict[str, float] = {}
         for s in all_stats:
             metrics.update({n: v / max(s.steps, 1) for n, v in s.metrics.items()})

@@ -93,6 +93,9 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
     out: str | None = Field(None, description="output folder (default runs/<rule>-<dataset>-s<seed>-<hash of the config>)")
     eval_batch_size: int = Field(1000, ge=1, description="batch size for evaluation")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch (smoke runs)")
+    divergence_factor: float = Field(
+        1e4, ge=0, description="stop the run when a step's loss exceeds this many times the first step's (0: off; "
+                               "a NaN/Inf loss always stops it)")
 
     @field_validator("rule")
     @classmethod

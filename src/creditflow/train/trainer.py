@@ -111,6 +111,50 @@ def evaluate(model: torch.nn.Module, imageset, splits, device, batch_size: int) 
     return correct.item() / len(imageset)
 
 
+#: steps between host syncs that look at the divergence flags (the step itself is recorded on the device)
+DIVERGENCE_CHECK_EVERY = 50
+
+
+class DivergenceWatch:
+    """The first step whose loss is NaN/Inf or over ``factor`` x the first step's, kept on the device.
+
+    ``observe`` is a few scalar kernels and no host sync, so the hot loop stays asynchronous;
+    ``check`` syncs once (every :data:`DIVERGENCE_CHECK_EVERY` steps and at epoch end) and reports
+    the exact step. Tensors only: it travels in a pipeline stage's statistics as plain numbers.
+    """
+
+    def __init__(self, factor: float, device: torch.device, initial: float | None = None):
+        self.factor = factor
+        self.initial = self.limit = None
+        if initial is not None:
+            self._start(torch.tensor(initial, device=device))
+        self.step = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
+        self.loss = torch.zeros((), device=device)
+
+    def _start(self, first: torch.Tensor) -> None:
+        self.initial = first.abs()
+        # beyond the limit, or NaN (every comparison with NaN is False); float max, not inf, so that an Inf
+        # loss is over it too. A first loss of 0 (a pipeline stage without one) has nothing to grow from.
+        big = torch.tensor(torch.finfo(first.dtype).max, device=first.device)
+        self.limit = torch.where(self.initial > 0, self.factor * self.initial, big) if self.factor else big
+
+    def observe(self, step: int, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        if self.initial is None:
+            self._start(loss)
+        new = ~(loss.abs() <= self.limit) & (self.step < 0)  # 7 scalar kernels, no sync
+        self.step = torch.where(new, step, self.step)
+        self.loss = torch.where(new, loss, self.loss)
+
+    def check(self) -> tuple[int, float, float] | None:
+        """``(global step, its loss, the first step's loss)`` of the first bad step, or None (one host sync)."""
+        step = int(self.step)
+        return None if step < 0 else (step, float(self.loss), self.initial_loss())
+
+    def initial_loss(self) -> float | None:
+        return None if self.initial is None else float(self.initial)
+
+
 class EpochTotals(NamedTuple):
     """One epoch over every process (what the main process writes into the metrics row)."""
 
@@ -227,6 +271,7 @@ class Strategy:
                 continue  # a last batch smaller than the number of ranks: skipped on every rank
             x, y = part
             out = trainer.step(n, x, y)
+            trainer.observe_loss(out.loss)
             self.after_step()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -348,6 +393,28 @@ class Trainer:
             run = (lambda cb=cb, inner=run: cb.around_step(self, self.global_step, x, y, inner))
         return run()
 
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """After each step (before :meth:`advance`): a diverged loss stops the run at the next check."""
+        self.watch.observe(self.global_step, loss)
+        if (self.global_step + 1) % DIVERGENCE_CHECK_EVERY == 0:
+            self.check_divergence()
+
+    def check_divergence(self, found: tuple[int, float, float] | None = None) -> None:
+        """Raise :class:`Diverged` for the first bad step seen (``found``: reported by the strategy)."""
+        found = found or self.watch.check()
+        if found is None:
+            return
+        step, loss, first = found
+        epoch, within = divmod(step, self.steps_per_epoch)
+        done = self.epochs_done
+        kept = f"the checkpoint of epoch {done} is kept" if done else "no checkpoint was written"
+        where = f"epoch {epoch + 1} step {within + 1}"
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"{where}: training loss is {loss}; stopped, {kept} (try a smaller --lr)")
+        raise Diverged(f"{where}: training loss {loss:.4g} is over {self.cfg.divergence_factor:g} times the first "
+                       f"step's {first:.4g}; stopped, {kept} (try a smaller --lr, or --divergence-factor 0 to "
+                       "train on)")
+
     def advance(self, steps: int = 1) -> None:
         self.global_step += steps
         if self._bar is not None:
@@ -398,6 +465,8 @@ class Trainer:
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
         self.global_step = start * steps
+        self.steps_per_epoch, self.epochs_done = steps, start
+        self.watch = DivergenceWatch(cfg.divergence_factor, self.device, (ckpt or {}).get("initial_loss"))
         augment = data.augment.build(cfg.augment)
         for cb in self.callbacks:
             cb.on_fit_start(self)
@@ -415,6 +484,8 @@ class Trainer:
             self._bar = tqdm(total=steps, desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                              disable=not self.progress)
             totals = strategy.run_epoch(self, epoch_batches() if strategy.needs_batches() else None, steps, epoch)
+            if main:  # the rest of the epoch since the last check (the pipeline's every stage, gathered)
+                self.check_divergence()
             self._bar.close()
             self._bar = None
             if self.scheduler is not None:
@@ -425,6 +496,7 @@ class Trainer:
             rule_state = strategy.rule_state(rule)
             if not main:
                 strategy.release()
+                self.epochs_done = epoch + 1  # rank 0 has written its checkpoint
                 continue
             row = self._row(epoch, totals)
             rows.append(row)
@@ -436,8 +508,10 @@ class Trainer:
             save_checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "config": cfg.model_dump(mode="json"), "rule": rule_state,
                 "generator": gen.get_state(), "processes": states, "strategy": strategy.describe(),
+                "initial_loss": self.watch.initial_loss(),
             })
             strategy.release()
+            self.epochs_done = epoch + 1
             log.info("epoch %d: loss %.4f train %s val %s test %s", row["epoch"], row["train_loss"],
                      _fmt(row["train_acc"]), _fmt(row["val_acc"]), _fmt(row["test_acc"]))
         summary = None
