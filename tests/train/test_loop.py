@@ -135,3 +135,14 @@ def test_a_loss_that_grows_far_beyond_its_start_stops_at_the_step_it_happened(tm
     assert len(calls) == DIVERGENCE_CHECK_EVERY  # seen at the first check, not at the end of the epoch
     calls.clear()
     train(config(tmp_path / "off", epochs=1, divergence_factor=0), progress=False)  # 0: only NaN/Inf stop it
+
+
+def test_epoch_log_lines_name_rule_and_seed_with_rounded_accuracies(tmp_path, caplog):
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="creditflow.train.trainer"):
+        train(config(tmp_path, rule="dfa", seed=2, epochs=1), progress=False)
+    line = next(r.getMessage() for r in caplog.records if "epoch 1/1" in r.getMessage())
+    assert re.fullmatch(r"dfa seed 2 epoch 1/1: loss \d+\.\d{4}, accuracy train 0\.\d{3} val 0\.\d{3} test 0\.\d{3}",
+                        line), line

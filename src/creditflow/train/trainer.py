@@ -512,8 +512,10 @@ class Trainer:
             })
             strategy.release()
             self.epochs_done = epoch + 1
-            log.info("epoch %d: loss %.4f train %s val %s test %s", row["epoch"], row["train_loss"],
-                     _fmt(row["train_acc"]), _fmt(row["val_acc"]), _fmt(row["test_acc"]))
+            # rule and seed on every line: compare interleaves many runs in one log
+            log.info("%s seed %d epoch %d/%d: loss %.4f, accuracy train %s val %s test %s", cfg.rule, cfg.seed,
+                     row["epoch"], cfg.epochs, row["train_loss"], _fmt(row["train_acc"]), _fmt(row["val_acc"]),
+                     _fmt(row["test_acc"]))
         summary = None
         if main:
             summary = summarize(rows, cfg.model_dump(mode="json"))
@@ -620,7 +622,7 @@ def data_comment(splits) -> str:
 
 
 def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 __all__ = ["Callback", "DataInfo", "Diverged", "EXPECTED_ERRORS", "EpochTotals", "NonFiniteLoss", "STRATEGIES", "SingleProcess", "Strategy",
