@@ -2,11 +2,16 @@
 
 Flags are generated from the run schema, so a YAML key and a flag are the same thing
 (``lr:`` in a file, ``--lr`` on the command line); flags override the file.
+
+One error path: :class:`Main` turns every failure of a command into one line on stderr and a
+non-zero exit (2 for bad input, 1 for the rest); ``--debug`` or ``CREDITFLOW_DEBUG=1`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import types
 import typing
@@ -18,7 +23,7 @@ from pydantic import BaseModel
 from .registry import DATASETS, MODELS, RULES
 from .jobs.align import AlignConfig
 from .jobs.analyze import AnalyzeOptions
-from .train.config import CompareConfig, RunConfig
+from .train.config import CompareConfig, ConfigError, RunConfig
 from .jobs.reproduce import ReproduceOptions
 
 SKIP = {"rule_options", "model_options"}
@@ -36,7 +41,8 @@ def schema_options(schema: type[BaseModel], exclude: set[str] = frozenset()):
             args = [a for a in typing.get_args(annotation) if a is not type(None)]
             if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
                 annotation = args[0]  # Optional[int] -> int
-            kwargs: dict[str, Any] = {"default": None, "help": field.description}
+            kwargs: dict[str, Any] = {"default": None, "help": field.description,
+                                      "show_default": shown_default(field)}
             if typing.get_origin(annotation) is typing.Literal:
                 kwargs["type"] = click.Choice(typing.get_args(annotation))
             elif annotation is bool:
@@ -49,6 +55,16 @@ def schema_options(schema: type[BaseModel], exclude: set[str] = frozenset()):
         return command
 
     return decorate
+
+
+def shown_default(field) -> str | bool:
+    """What ``--help`` shows as a flag's default: the schema's (the flag's own default stays None)."""
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def key_values(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
@@ -66,7 +82,7 @@ def key_values(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
 
 def resolve(schema, config_file, flags: dict[str, Any], rule_option=(), model_option=()):
     """Defaults < YAML file < flags, validated once by the schema."""
-    from .train.config import ConfigError, load_yaml, validate
+    from .train.config import load_yaml, validate
 
     values = load_yaml(config_file) if config_file else {}
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -74,10 +90,7 @@ def resolve(schema, config_file, flags: dict[str, Any], rule_option=(), model_op
                              ("model_options", model_option, "--model-option")):
         if pairs:
             values[key] = {**values.get(key, {}), **key_values(pairs, flag)}
-    try:
-        return validate(schema, values)
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+    return validate(schema, values)  # ConfigError: bad input, exit code 2 (Main)
 
 
 def common(command):
@@ -85,11 +98,19 @@ def common(command):
     return job_options(command)
 
 
+def training(command):
+    """``train``'s own flags besides :func:`common`."""
+    return click.option("--extend", is_flag=True,
+                        help="continue a finished run with more --epochs, the rest of its config unchanged")(command)
+
+
 def job_options(command):
     """What every job command takes besides its schema: a config file, quiet, rule and model options."""
     command = click.option("--config", "config_file", type=click.Path(dir_okay=False),
                            help="YAML file with any of these options")(command)
     command = click.option("--quiet", is_flag=True, help="no progress bar or epoch log")(command)
+    command = click.option("--overwrite", is_flag=True,
+                           help="replace the run in --out even if its config differs")(command)
     command = click.option("--rule-option", multiple=True, metavar="KEY=VALUE",
                            help="extra rule argument, e.g. feedback_scale=0.5")(command)
     command = click.option("--model-option", multiple=True, metavar="KEY=VALUE",
@@ -102,32 +123,102 @@ def setup_logging(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsageError(click.ClickException):
+    """Bad input (a flag value, a config file): one line and exit code 2, without click's usage block."""
+
+    exit_code = 2
+
+
+def debugging(ctx: click.Context | None = None) -> bool:
+    if os.environ.get("CREDITFLOW_DEBUG", "").strip() not in ("", "0"):
+        return True
+    return bool(ctx is not None and ctx.meta.get("creditflow.debug"))
+
+
+def _set_debug(ctx, param, value):
+    if value:
+        ctx.meta["creditflow.debug"] = True  # meta is shared by the group's and the command's contexts
+
+
+def debug_option() -> click.Option:
+    return click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                        help="show the traceback of a failure instead of one line (or CREDITFLOW_DEBUG=1)")
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures that are the input's or the machine's, not the program's: their message is the whole story."""
+    from .parallel.launch import WorkerFailed
+    from .train import Diverged
+
+    return (ValueError, OSError, ImportError, Diverged, WorkerFailed)
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (a worker's failure carries its traceback after it)."""
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    else:
+        text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+class Main(click.Group):
+    """The ``creditflow`` group: every command gets ``--debug``, and every failure becomes one line."""
+
+    def add_command(self, cmd, name=None):
+        cmd.params.append(debug_option())
+        super().add_command(cmd, name)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, OneLineUsageError):
+            raise
+        except click.UsageError as err:  # a bad flag of a command: its message names what is allowed
+            if debugging(ctx):
+                raise
+            command = f"{ctx.command_path} {err.ctx.info_name}" if err.ctx and err.ctx is not ctx else ctx.command_path
+            raise OneLineUsageError(f"{err.format_message()} ({command} --help lists the options)") from None
+        except click.ClickException:
+            raise
+        except Exception as err:  # noqa: BLE001  (the one error path; --debug shows the traceback)
+            if debugging(ctx):
+                raise
+            if isinstance(err, ConfigError):
+                raise OneLineUsageError(one_line(err)) from None
+            if isinstance(err, expected_errors()):
+                raise click.ClickException(one_line(err)) from None
+            raise click.ClickException(f"internal error, {type(err).__name__}: {one_line(err)} (rerun with "
+                                       "--debug for the traceback, and please report it)") from None
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="creditflow")
 def main():
     """creditflow: train neural networks with credit-assignment rules beyond backpropagation."""
 
 
-def run_job(schema, job, config_file, resume, quiet, rule_option, model_option, flags):
-    """Resolve the config, run ``job(cfg, resume=, progress=)``, turn known failures into one line."""
-    from .train import NonFiniteLoss
+main.params.append(debug_option())  # `creditflow --debug train ...` as well as `creditflow train --debug`
 
+
+def run_job(schema, job, config_file, quiet, rule_option, model_option, flags, **how):
+    """Resolve the config and run ``job(cfg, progress=, **how)`` (failures: :class:`Main`)."""
     cfg = resolve(schema, config_file, flags, rule_option, model_option)
     progress = setup_logging(quiet)
-    try:
-        return cfg, job(cfg, resume=resume, progress=progress)
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
-        raise click.ClickException(str(err)) from None
+    return cfg, job(cfg, progress=progress, **how)
 
 
 @main.command()
 @common
+@training
 @schema_options(RunConfig)
-def train(config_file, resume, quiet, rule_option, model_option, **flags):
+def train(config_file, resume, extend, overwrite, quiet, rule_option, model_option, **flags):
     """Train one rule on one model and dataset; writes config, metrics, checkpoint, summary."""
     from .train import train as run_train
 
-    cfg, summary = run_job(RunConfig, run_train, config_file, resume, quiet, rule_option, model_option, flags)
+    cfg, summary = run_job(RunConfig, run_train, config_file, quiet, rule_option, model_option, flags,
+                           resume=resume, extend=extend, overwrite=overwrite)
     if summary is None:  # a non-zero rank of a torchrun launch: rank 0 reports
         return
     click.echo(f"{cfg.rule}: test accuracy {summary['test_acc']:.4f} at best validation epoch "
@@ -137,12 +228,13 @@ def train(config_file, resume, quiet, rule_option, model_option, **flags):
 @main.command()
 @common
 @schema_options(CompareConfig, exclude={"rule"})
-def compare(config_file, resume, quiet, rule_option, model_option, **flags):
+def compare(config_file, resume, overwrite, quiet, rule_option, model_option, **flags):
     """Compare rules on the same model, data and seeds (default: BP, Shallow, FA, DFA on the embedded data)."""
     from .jobs.compare import compare as run_compare
     from .jobs.compare import to_markdown
 
-    cfg, rows = run_job(CompareConfig, run_compare, config_file, resume, quiet, rule_option, model_option, flags)
+    cfg, rows = run_job(CompareConfig, run_compare, config_file, quiet, rule_option, model_option, flags,
+                        resume=resume, overwrite=overwrite)
     click.echo(to_markdown(rows, cfg))
     click.echo(f"results in {cfg.out_dir()}/results.md, results.csv, results.json")
 
@@ -150,17 +242,12 @@ def compare(config_file, resume, quiet, rule_option, model_option, **flags):
 @main.command()
 @job_options
 @schema_options(AlignConfig, exclude={"rule"})
-def align(config_file, quiet, rule_option, model_option, **flags):
+def align(config_file, overwrite, quiet, rule_option, model_option, **flags):
     """Train rules from one initialisation; measure each block's signal against BP's gradient (cosine)."""
     from .jobs.align import align as run_align, to_markdown
 
-    def job(cfg, resume, progress):  # short runs: nothing to resume
-        try:
-            return run_align(cfg, progress=progress)
-        except ImportError as err:  # matplotlib missing: say how to get it, no traceback
-            raise click.ClickException(str(err)) from None
-
-    cfg, summary = run_job(AlignConfig, job, config_file, False, quiet, rule_option, model_option, flags)
+    cfg, summary = run_job(AlignConfig, run_align, config_file, quiet, rule_option, model_option, flags,
+                           overwrite=overwrite)  # short runs: nothing to resume
     click.echo(to_markdown(summary))
     plots = ", alignment.png, alignment.svg" if cfg.plot else ""
     click.echo(f"results in {cfg.out_dir()}/alignment.jsonl, alignment.csv, summary.json{plots}")
@@ -178,10 +265,7 @@ def analyze(run_dirs, quiet, **flags):
     progress = setup_logging(quiet)
     results = []
     for run_dir in run_dirs:
-        try:
-            results.append(run_analyze(run_dir, opts, progress=progress))
-        except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
-            raise click.ClickException(str(err)) from None
+        results.append(run_analyze(run_dir, opts, progress=progress))
         click.echo(to_markdown(results[-1]))
         click.echo(f"results in {run_dir.rstrip('/')}/analysis/")
     if len(results) > 1:
@@ -233,17 +317,14 @@ def memory(model_names, rule_names, batch_size, num_classes, device, model_optio
         raise click.BadParameter(f"plot file must end in .png or .svg, got {plot!r}", param_hint="--plot")
     model_list = [m.strip() for m in model_names.split(",") if m.strip()]
     tables = {}
-    try:
-        for model in model_list:
-            tables[model] = memory_table(model, names, batch_size, num_classes, device,
-                                         key_values(model_option, "--model-option"))
-            click.echo(to_markdown(tables[model], model, batch_size))
-        if plot and len(tables) == 1:
-            plot_access(tables[model_list[0]], model_list[0], plot)
-        elif plot:
-            plot_access_across(tables, plot)
-    except (ValueError, ImportError) as err:
-        raise click.ClickException(str(err)) from None
+    for model in model_list:
+        tables[model] = memory_table(model, names, batch_size, num_classes, device,
+                                     key_values(model_option, "--model-option"))
+        click.echo(to_markdown(tables[model], model, batch_size))
+    if plot and len(tables) == 1:
+        plot_access(tables[model_list[0]], model_list[0], plot)
+    elif plot:
+        plot_access_across(tables, plot)
     if out:
         write_json(out, tables[model_list[0]] if len(tables) == 1 else tables)
 

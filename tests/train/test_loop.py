@@ -80,6 +80,69 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return StepResult(out.loss * float("nan"), out.logits) if calls["n"] > 6 else out
 
     monkeypatch.setattr(Rule, "step", step)
-    with pytest.raises(NonFiniteLoss, match="epoch 2: training loss is nan"):
+    with pytest.raises(NonFiniteLoss, match="epoch 2 step 1: training loss is nan; stopped, the checkpoint of epoch 1 is kept"):
         train(config(tmp_path), progress=False)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+@pytest.mark.parametrize("killed_at", ["write_jsonl", "save_checkpoint", "write_summary"])
+def test_a_kill_between_the_metrics_and_the_checkpoint_loses_and_repeats_nothing(tmp_path, monkeypatch, killed_at):
+    """The two files are one commit: metrics first, then the checkpoint; resume drops a row it never saw."""
+    import creditflow.train.trainer as trainer
+
+    straight = tmp_path / "straight"
+    train(config(straight), progress=False)
+    killed = tmp_path / "killed"
+    real = getattr(trainer, killed_at)
+    calls = []
+
+    def dies_at_epoch_2(path, *args):
+        calls.append(path)
+        if len(calls) == 2 or killed_at == "write_summary":  # the second epoch's write (the summary: once)
+            raise KeyboardInterrupt  # what SIGKILL leaves: this write and everything after it never happen
+        return real(path, *args)
+
+    monkeypatch.setattr(trainer, killed_at, dies_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(killed), progress=False)
+    monkeypatch.undo()
+    train(config(killed), resume=True, progress=False)
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (straight, killed)]
+    assert [r["epoch"] for r in rows[1]] == [1, 2, 3]
+    assert [(r["train_loss"], r["val_acc"], r["test_acc"]) for r in rows[0]] == \
+        [(r["train_loss"], r["val_acc"], r["test_acc"]) for r in rows[1]]
+    assert json.loads((killed / "summary.json").read_text())["test_acc"] == \
+        json.loads((straight / "summary.json").read_text())["test_acc"]
+
+
+def test_a_loss_that_grows_far_beyond_its_start_stops_at_the_step_it_happened(tmp_path, monkeypatch):
+    from creditflow.rules.base import Rule, StepResult
+    from creditflow.train import Diverged
+    from creditflow.train.trainer import DIVERGENCE_CHECK_EVERY
+
+    real_step = Rule.step
+    calls = []
+
+    def step(self, x, y):
+        calls.append(1)
+        out = real_step(self, x, y)
+        return StepResult(out.loss * 1e5, out.logits) if len(calls) == 5 else out  # the 5th step blows up
+
+    monkeypatch.setattr(Rule, "step", step)
+    with pytest.raises(Diverged, match=r"epoch 1 step 5: training loss .* is over 10000 times the first step's .*; "
+                                       "stopped, no checkpoint was written"):
+        train(config(tmp_path, epochs=1, max_steps_per_epoch=3 * DIVERGENCE_CHECK_EVERY), progress=False)
+    assert len(calls) == DIVERGENCE_CHECK_EVERY  # seen at the first check, not at the end of the epoch
+    calls.clear()
+    train(config(tmp_path / "off", epochs=1, divergence_factor=0), progress=False)  # 0: only NaN/Inf stop it
+
+
+def test_epoch_log_lines_name_rule_and_seed_with_rounded_accuracies(tmp_path, caplog):
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="creditflow.train.trainer"):
+        train(config(tmp_path, rule="dfa", seed=2, epochs=1), progress=False)
+    line = next(r.getMessage() for r in caplog.records if "epoch 1/1" in r.getMessage())
+    assert re.fullmatch(r"dfa seed 2 epoch 1/1: loss \d+\.\d{4}, accuracy train 0\.\d{3} val 0\.\d{3} test 0\.\d{3}",
+                        line), line

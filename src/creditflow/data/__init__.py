@@ -10,12 +10,14 @@ Where files are looked for: ``sources.py``; formats: one module each; see docs/d
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from ..registry import DATASETS
 from . import augment, cifar, embedded, mnist, svhn, tiny_imagenet  # noqa: F401  (registration)
 from .errors import ChecksumError, DatasetError, DatasetNotFound
 from .imageset import ImageSet, batches
+from .sources import describe_reads, recording
 from .splits import Official, Splits, check_fraction, split_official
 
 __all__ = [
@@ -40,7 +42,7 @@ def load(
 
     Args:
         name: a registered dataset (``available()``); unknown names list the known ones.
-        data_dir: folder to look in first (see ``sources.py`` for the full search order).
+        data_dir: the folder the data must come from (strict); None: search (``sources.py``).
         download: fetch missing files into the user cache when they are found nowhere.
         val_fraction: fraction of each class of the official training set held out for
             validation, in [0, 1); 0 gives an empty validation set.
@@ -51,9 +53,11 @@ def load(
 
     Raises:
         ValueError: unknown name or ``val_fraction`` outside [0, 1).
-        DatasetNotFound: the files are nowhere and could not be downloaded.
+        DatasetNotFound: the files are nowhere and could not be downloaded, or not in ``data_dir``
+            (when given, the only place looked in).
         DatasetError: a file is truncated, corrupt or in the wrong format.
     """
     check_fraction(val_fraction)  # fail before reading any file
-    official = DATASETS.get(name).builder(data_dir=data_dir, download=download)
-    return split_official(name, official, val_fraction, seed)
+    with recording() as reads:
+        official = DATASETS.get(name).builder(data_dir=data_dir, download=download)
+    return dataclasses.replace(split_official(name, official, val_fraction, seed), files=describe_reads(reads))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DatasetError
+from .sources import note
 
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError)
 
@@ -61,6 +62,7 @@ class DirTree(Tree):
         return sorted(out)
 
     def read(self, name: str) -> bytes:
+        note(self.origin / name, tree=self.origin)
         return (self.origin / name).read_bytes()
 
     def fingerprint(self, names: list[str]) -> list:
@@ -74,6 +76,7 @@ class TarTree(Tree):
 
     def __init__(self, path: str | os.PathLike, keep: Callable[[str], bool] = lambda name: True):
         self.origin = Path(path)
+        note(self.origin)
         self._files: dict[str, bytes] = {}
         try:
             with tarfile.open(self.origin, "r:*") as tar:
@@ -96,6 +99,7 @@ class ZipTree(Tree):
 
     def __init__(self, path: str | os.PathLike):
         self.origin = Path(path)
+        note(self.origin)
         try:
             self._zip = zipfile.ZipFile(self.origin)
         except _ARCHIVE_ERRORS as err:

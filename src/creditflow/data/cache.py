@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .sources import cache_root
+from .sources import cache_root, note
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def cached(tag: str, key, build: Callable[[], dict[str, np.ndarray]]) -> dict[st
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as stored:
+                note(path)  # the run reads this decoded copy, not the source files
                 return {name: stored[name] for name in stored.files}
         except Exception as err:  # truncated or foreign file: rebuild it
             log.warning("ignoring unreadable cache entry %s: %s", path, err)

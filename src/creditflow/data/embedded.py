@@ -20,6 +20,7 @@ import numpy as np
 from ..registry import register_dataset
 from .imageset import ImageSet
 from .mnist import FASHION_CLASSES
+from .sources import note
 from .splits import Official
 
 FILENAME = "fashion_mnist_mini.npz"
@@ -28,6 +29,7 @@ FILENAME = "fashion_mnist_mini.npz"
 def read_embedded() -> dict[str, np.ndarray]:
     """The four arrays of the embedded file (images (N, 28, 28) uint8, labels (N,) uint8)."""
     with resources.as_file(resources.files(__package__) / "embedded" / FILENAME) as path:
+        note(path)
         with np.load(path, allow_pickle=False) as stored:
             return {name: stored[name] for name in stored.files}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError
+from .sources import note
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
@@ -27,6 +28,7 @@ _KIND = {IMAGES_MAGIC: "images", LABELS_MAGIC: "labels"}
 def read_bytes(path: str | os.PathLike) -> bytes:
     """The file's bytes, gunzipped when it starts with the gzip signature."""
     path = Path(path)
+    note(path)
     raw = path.read_bytes()
     if raw[:2] != b"\x1f\x8b":
         return raw

@@ -1,8 +1,10 @@
 """Where dataset files are found, and how they are downloaded.
 
-Places are tried in this order, and the first folder holding a complete copy wins:
+A ``data_dir`` given by the caller is strict: the folder itself, then ``<data_dir>/<name>``, and
+nothing else (a wrong folder must not silently fall back to another copy). Without one, places are
+tried in this order, and the first folder holding a complete copy wins:
 
-1. the ``data_dir`` argument (the folder itself, then ``<data_dir>/<name>``);
+1. (``data_dir``, when given: the only place);
 2. ``$CREDITFLOW_DATA`` (``<folder>/<name>``, then the folder itself; several folders may be
    joined with ``os.pathsep``);
 3. the user cache, ``<cache>/<name>`` with ``<cache>`` = ``$CREDITFLOW_CACHE`` or
@@ -15,10 +17,13 @@ Places are tried in this order, and the first folder holding a complete copy win
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import logging
 import os
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -83,9 +88,9 @@ def cache_root() -> Path:
 def candidates(name: str, data_dir: str | os.PathLike | None) -> list[tuple[Path, str]]:
     """Folders to look in, in order, each with the reason it is looked at."""
     places: list[tuple[Path, str]] = []
-    if data_dir is not None:
+    if data_dir is not None:  # strict: the caller said where the data are
         root = Path(data_dir).expanduser()
-        places += [(root, "data_dir"), (root / name, "data_dir")]
+        return [(root, "data_dir"), (root / name, "data_dir")]
     for folder in filter(None, os.environ.get("CREDITFLOW_DATA", "").split(os.pathsep)):
         root = Path(folder).expanduser()
         places += [(root / name, "$CREDITFLOW_DATA"), (root, "$CREDITFLOW_DATA")]
@@ -128,6 +133,11 @@ def locate(
         else:
             looked.append(f"{folder} ({why}, missing)")
 
+    if data_dir is not None:
+        raise DatasetNotFound(
+            f"dataset {where.name!r} not in --data-dir {data_dir}: looked in {'; '.join(looked)}; expected "
+            f"{where.expects}; to get it: {where.how_to}; or leave --data-dir out to search $CREDITFLOW_DATA, the "
+            "user cache and system folders" + (" (and download)" if where.resources else ""))
     failure = "download=False"
     if download and where.resources:
         folder = cache_root() / where.name
@@ -151,6 +161,58 @@ def locate(
         f"expected {where.expects}; to get it: {where.how_to}"
         + (f"; or download=True ({urls})" if urls and not download else "")
     )
+
+
+# -- what was read: recorded while a dataset loads, so a run can say which files its numbers come from --
+
+_READS: contextvars.ContextVar[list | None] = contextvars.ContextVar("creditflow_data_reads", default=None)
+
+
+def note(path: str | os.PathLike, tree: str | os.PathLike | None = None) -> None:
+    """Record that ``path`` is read (every reader of dataset files calls this); ``tree``: the folder
+    of many files it is one of (an image-folder dataset), recorded as one entry."""
+    reads = _READS.get()
+    if reads is not None:
+        reads.append((Path(path), None if tree is None else Path(tree)))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """The files :func:`note`\\ d inside the block, in order."""
+    token = _READS.set([])
+    try:
+        yield _READS.get()
+    finally:
+        _READS.reset(token)
+
+
+def describe_reads(reads: list) -> tuple[dict, ...]:
+    """``({"path", "bytes", "sha256"}, ...)`` per file read; the files of one tree are one entry with
+    ``files`` (their count) and the sha256 of their relative names and digests."""
+    entries: list[dict] = []
+    trees: dict[Path, dict] = {}
+    for path, tree in dict.fromkeys(reads):
+        if tree is None:
+            entries.append({"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": _sha256(path)})
+            continue
+        if tree not in trees:
+            trees[tree] = {"path": str(tree.resolve()), "files": 0, "bytes": 0, "sha256": hashlib.sha256()}
+            entries.append(trees[tree])
+        entry = trees[tree]
+        entry["files"] += 1
+        entry["bytes"] += path.stat().st_size
+        entry["sha256"].update(f"{path.relative_to(tree).as_posix()} {_sha256(path)}\n".encode())
+    for entry in trees.values():
+        entry["sha256"] = entry["sha256"].hexdigest()
+    return tuple(entries)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _DownloadFailed(DatasetError):

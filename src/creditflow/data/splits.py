@@ -48,6 +48,8 @@ class Splits:
         mean, std: per-channel statistics in [0, 1] pixel units.
         classes: class names in label order.
         origin: where the files were read from.
+        files: the files read, ``{"path", "bytes", "sha256"}`` each (a folder of many: one entry
+            with ``files``, their count): what a run records of its data.
     """
 
     train: ImageSet
@@ -59,6 +61,7 @@ class Splits:
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()
     origin: str = ""
+    files: tuple[dict, ...] = ()
     _stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property

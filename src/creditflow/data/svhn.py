@@ -18,7 +18,7 @@ import numpy as np
 from ..registry import register_dataset
 from .errors import DatasetError
 from .imageset import ImageSet
-from .sources import Resource, Where, locate
+from .sources import Resource, Where, locate, note
 from .splits import Official
 
 _URL = "http://ufldl.stanford.edu/housenumbers/"
@@ -44,6 +44,7 @@ def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
         from scipy.io import loadmat
     except ImportError:
         raise ImportError("reading SVHN .mat files needs scipy: pip install creditflow[svhn]") from None
+    note(path)
     try:
         mat = loadmat(path, variable_names=("X", "y"))
     except Exception as err:  # scipy raises ValueError, TypeError, OSError... for bad files

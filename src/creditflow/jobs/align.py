@@ -30,7 +30,8 @@ from ..diagnostics import measure
 from ..rules import parse_spec as parse_rule_spec
 from ..report import figure_class, finite, fmt, save_figure
 from ..train.checkpoint import write_json, write_text
-from ..train.config import RunConfig
+from ..train.config import PLACEMENT_KEYS, RunConfig, config_key
+from ..train.runfolder import claim
 from ..train.trainer import Callback, DataInfo, build_rule, resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class AlignConfig(RunConfig):
                                          "e.g. dfa:feedback_init=product,fa")
     every: int = Field(50, ge=1, description="training steps between measurements")
     plot: bool = Field(True, description="write alignment.png/.svg (needs matplotlib)")
-    out: str | None = Field(None, description="output folder (default runs/align-<dataset>)")
+    out: str | None = Field(None, description="output folder (default runs/align-<dataset>-<hash of the config>)")
 
     @field_validator("rules", mode="before")
     @classmethod
@@ -68,7 +69,7 @@ class AlignConfig(RunConfig):
         return v
 
     def out_dir(self) -> Path:
-        return Path(self.out or f"runs/align-{self.dataset}")
+        return Path(self.out or f"runs/align-{self.dataset}-{config_key(self)}")
 
     def run(self, spec: str) -> RunConfig:
         """The run of one rule: ``rule_options`` for every rule, then the spec's own options; its own folder."""
@@ -78,10 +79,17 @@ class AlignConfig(RunConfig):
         return RunConfig(**fields, rule=name, rule_options={**self.rule_options, **options}, out=str(folder))
 
 
-def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
+def align(cfg: AlignConfig, *, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train every rule in ``cfg.rules``, measuring alignment; write the results and return the summary."""
     if cfg.plot:
         figure_class("pass --no-plot for the JSONL/CSV only")  # fail before training, not after
+    cfg = cfg.model_copy(update={"out": str(cfg.out_dir())})
+    config = cfg.model_dump(mode="json", exclude={"rule"})  # `rules` says which
+    with claim(cfg.out_dir(), config, overwrite=overwrite, ignore=PLACEMENT_KEYS):
+        return _align(cfg, config, progress, overwrite)
+
+
+def _align(cfg: AlignConfig, config: dict[str, Any], progress: bool, overwrite: bool) -> dict[str, Any]:
     out = cfg.out_dir()
     device = resolve_device(cfg.device)
     splits = data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
@@ -89,13 +97,11 @@ def align(cfg: AlignConfig, *, progress: bool = True) -> dict[str, Any]:
     info = DataInfo(tuple(splits.shape), splits.num_classes, len(splits.train))
     for spec in cfg.rules:  # bad rule options fail now, not after the first rule has trained
         build_rule(cfg.run(spec), info, device)
-    out.mkdir(parents=True, exist_ok=True)
-    config = cfg.model_dump(mode="json", exclude={"rule"})  # `rules` says which
     write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"config": config, "rules": {}}
     for spec in cfg.rules:
-        rule_rows, test_acc = train_and_measure(spec, cfg, progress)
+        rule_rows, test_acc = train_and_measure(spec, cfg, progress, overwrite)
         rows += rule_rows
         summary["rules"][spec] = summarize(rule_rows, test_acc)
         write_results(out, rows, summary)  # after each rule: a killed run keeps the finished ones
@@ -135,10 +141,10 @@ class AlignmentProbe(Callback):
             self.rows += records(self.spec, trainer.cfg.epochs, trainer.global_step, measure(trainer.rule, *self.last))
 
 
-def train_and_measure(spec: str, cfg: AlignConfig, progress: bool):
+def train_and_measure(spec: str, cfg: AlignConfig, progress: bool, overwrite: bool = False):
     """One rule through the trainer (its own run folder under ``out/runs/``) with the probe attached."""
     probe = AlignmentProbe(spec, cfg.every)
-    summary = train(cfg.run(spec), progress=progress, callbacks=[probe])
+    summary = train(cfg.run(spec), progress=progress, callbacks=[probe], overwrite=overwrite)
     return probe.rows, summary["test_acc"]
 
 

@@ -6,24 +6,30 @@ import statistics
 from typing import Any
 
 from ..train.checkpoint import write_json, write_text
-from ..train.config import CompareConfig, dump_yaml
+from ..train.config import PLACEMENT_KEYS, CompareConfig, dump_yaml
+from ..train.runfolder import claim
 from ..train.trainer import train
 from ..report import csv_text, fmt, markdown_table, mean_std
 
 
-def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Train every rule for every seed; write results.{md,csv,json} and return the table rows."""
+def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True,
+            overwrite: bool = False) -> list[dict[str, Any]]:
+    """Train every rule for every seed; write results.{md,csv,json} and return the table rows.
+
+    ``resume``: finished runs are read back, not trained again; killed ones continue.
+    """
+    cfg = cfg.model_copy(update={"out": str(cfg.out_dir())})
     out = cfg.out_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", dump_yaml(cfg))
-    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in cfg.rules}
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        for rule in cfg.rules:  # rules inner: a slow machine drifts across all rules alike
-            runs[rule].append(train(cfg.run(rule, seed), resume=resume, progress=progress))
-    rows = table_rows(runs)
-    write_json(out / "results.json", {"config": cfg.model_dump(mode="json"), "rows": rows, "runs": runs})
-    write_text(out / "results.csv", to_csv(rows))
-    write_text(out / "results.md", to_markdown(rows, cfg))
+    with claim(out, cfg.model_dump(mode="json"), resume=resume, overwrite=overwrite, ignore=PLACEMENT_KEYS):
+        write_text(out / "config.yaml", dump_yaml(cfg))
+        runs: dict[str, list[dict[str, Any]]] = {r: [] for r in cfg.rules}
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            for rule in cfg.rules:  # rules inner: a slow machine drifts across all rules alike
+                runs[rule].append(train(cfg.run(rule, seed), resume=resume, progress=progress, overwrite=overwrite))
+        rows = table_rows(runs)
+        write_json(out / "results.json", {"config": cfg.model_dump(mode="json"), "rows": rows, "runs": runs})
+        write_text(out / "results.csv", to_csv(rows))
+        write_text(out / "results.md", to_markdown(rows, cfg))
     return rows
 
 

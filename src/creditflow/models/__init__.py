@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..registry import MODELS
+from ..registry import MODELS, check_options
 from . import alexnet, associated, cifar_resnet, conv, mlp, resnet, vanilla_cnn, vgg  # noqa: F401  (import is registration)
 from .blocks import BlockNet
 
@@ -17,6 +17,7 @@ def build(spec: str, **options) -> nn.Module:
     """Build a model from ``"name"`` or ``"name:details"``; options go to the builder."""
     name, _, details = spec.partition(":")
     entry = MODELS.get(name)
+    check_options("model", name, entry.builder, options)
     try:
         return entry.builder(details, **options) if details else entry.builder(**options)
     except TypeError as err:

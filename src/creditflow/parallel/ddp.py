@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..train.trainer import EXPECTED_ERRORS, Strategy, Trainer, register_strategy
-from .launch import barrier, is_torchrun, launch, resolve_device, worker_device
+from .launch import barrier, is_torchrun, launch, resolve_device, warn_if_oversubscribed, worker_device
+from .messages import broadcast
 
 __all__ = ["DataParallel", "DataParallelStrategy"]
 
@@ -96,10 +97,8 @@ class DataParallel:
         return out
 
     def share(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (pickled; for small things: a checkpoint, a summary)."""
-        box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, device=self.device if dist.get_backend() == "nccl" else None)
-        return box[0]
+        """Rank 0's ``obj`` on every rank: tensors and plain data (a checkpoint, a summary; parallel/messages.py)."""
+        return broadcast(obj)
 
     @torch.no_grad()
     def prepare(self, rule: nn.Module) -> None:
@@ -233,9 +232,7 @@ def check(cfg) -> None:
     if cfg.batch_size % cfg.nproc:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --nproc {cfg.nproc}: each of the "
                          f"{cfg.nproc} processes takes an equal share of every batch")
-    cores = os.cpu_count() or 1
-    if resolve_device(cfg.device) == "cpu" and cfg.nproc > cores:
-        log.warning("--nproc %d on %d CPU cores: the processes will share cores (slower than fewer)", cfg.nproc, cores)
+    warn_if_oversubscribed(cfg.nproc, "--nproc", cfg.device)
 
 
 @register_strategy("ddp")

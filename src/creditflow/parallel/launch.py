@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["WorkerFailed", "barrier", "find_free_port", "is_torchrun", "launch", "resolve_backend",
-           "resolve_device", "worker_device"]
+           "resolve_device", "warn_if_oversubscribed", "worker_device"]
 
 #: after the first failure, how long other workers get to report theirs (to find the root cause)
 _SETTLE_S = 1.0
@@ -92,6 +92,16 @@ def resolve_backend(backend: str, device: str | torch.device) -> str:
     return backend
 
 
+def warn_if_oversubscribed(nprocs: int, flag: str, device: str) -> None:
+    """Warn (once per launch, not refuse) when ``nprocs`` CPU processes outnumber the cores."""
+    cores = os.cpu_count() or 1
+    if resolve_device(device) == "cpu" and nprocs > cores:
+        import logging
+
+        logging.getLogger(__name__).warning("%s %d on %d CPU cores: the processes will share cores (slower than "
+                                            "fewer)", flag, nprocs, cores)
+
+
 def worker_device() -> torch.device:
     """The device of this worker: ``cuda:<local rank % GPUs>`` under a CUDA launch, else ``cpu``."""
     return _device if _device is not None else torch.device("cpu")
@@ -127,6 +137,7 @@ def _entry(rank, world_size, port, backend, kind, timeout_s, threads, conn, work
     if threads is not None:
         torch.set_num_threads(threads)
     _exit_with_parent()
+    _thread_lock_for_tqdm()
     try:
         _setup(rank, world_size, backend, kind, timeout_s, rank, port)
         # Plain pickle, not torch's ForkingPickler: that would share tensors through file descriptors
@@ -155,6 +166,17 @@ def _entry(rank, world_size, port, backend, kind, timeout_s, threads, conn, work
     atexit._run_exitfuncs()
     _flush()
     os._exit(0)
+
+
+def _thread_lock_for_tqdm() -> None:
+    """tqdm's default lock is a multiprocessing semaphore; a worker that fails exits with ``os._exit``,
+    which never unlinks it, and the resource tracker then prints a "leaked semaphore" warning on the
+    user's terminal. A worker's bars are its own: a thread lock is enough."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 def _exit_with_parent() -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import io
 import logging
 import time
 from collections import deque
@@ -51,7 +50,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..train.trainer import EXPECTED_ERRORS, DataInfo, EpochTotals, Strategy, Trainer, register_strategy
-from .launch import launch, resolve_device, worker_device
+from .launch import launch, resolve_device, warn_if_oversubscribed, worker_device
+from .messages import broadcast, gather, pack, unpack
 from ..rules.base import OutputError
 from .stages import BALANCES, Plan, Stage, check_pipelinable, make_plan, pipelinable_rules
 
@@ -183,6 +183,7 @@ class EpochStats(NamedTuple):
     busy_s: float  # forward, update and optimizer step
     wait_s: float  # blocked on a message
     losses: list[float]  # per step (only with record_losses)
+    diverged: tuple[int, float, float] | None = None  # (global step, loss, first loss): this stage's first diverged step
 
 
 class Runner:
@@ -190,10 +191,11 @@ class Runner:
 
     def __init__(self, stage: Stage, links: Links, schedule: str, optimizer: torch.optim.Optimizer,
                  step_hook: Callable[[int, int], None] | None = None, profile: bool = False,
-                 record_losses: bool = False):
+                 record_losses: bool = False, watch=None):
         self.stage, self.links, self.opt = stage, links, optimizer
         self.schedule, self.lag = schedule, lag(stage, schedule)
         self.hook, self.profile, self.record_losses = step_hook, profile, record_losses
+        self.watch = watch  # the trainer's DivergenceWatch: this stage's part of each step's loss
         self.global_step = 0
         self.cuda = getattr(stage, "device", torch.device("cpu")).type == "cuda"
 
@@ -267,6 +269,8 @@ class Runner:
                 if len(decode_queue) > decode_lag:
                     wait += self._decode_oldest(decode_queue, correct)
             loss_sum += step_loss * len(y)
+            if self.watch is not None:
+                self.watch.observe(self.global_step, step_loss)
             if self.record_losses:
                 losses.append(float(step_loss))
             seen += len(y)
@@ -289,7 +293,7 @@ class Runner:
         counts = stage.is_first if runs_down else stage.is_last  # who sees the prediction
         return EpochStats(loss_sum.item(), int(correct.item()) if counts else None, seen, steps,
                           {n: float(v) for n, v in metric_sums.items()}, start, start_timed, end, busy, wait,
-                          losses)
+                          losses, self.watch.check() if self.watch is not None else None)
 
     def _update(self, record, pairs, error, metric_sums) -> Tensor | None:
         part = self.stage.update(record, pairs, error)
@@ -323,7 +327,7 @@ class Runner:
 # --- process setup shared by the trainer and fit() -----------------------------------------------
 
 class Groups(NamedTuple):
-    control: Any  # gloo: Python objects (plan, states, metrics, end of epoch)
+    control: Any  # gloo: plain-data messages (plan, states, metrics, end of epoch; parallel/messages.py)
     errors: Any  # the error channel
 
 
@@ -336,12 +340,6 @@ def make_groups() -> Groups:
     world = list(range(dist.get_world_size()))
     control = dist.new_group(world, backend="gloo", timeout=CONTROL_TIMEOUT)
     return Groups(control, dist.new_group(world))
-
-
-def broadcast(obj, group, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
 
 
 def error_receivers(rule, plan: Plan) -> list[int]:
@@ -369,18 +367,6 @@ def to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(v) for v in obj)
     return obj
-
-
-def pack(obj) -> bytes:
-    """``obj`` as bytes: tensors in a worker's result would otherwise travel as shared-memory handles
-    that die with the worker (torch.multiprocessing's pickler), a race with the parent's read."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def unpack(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def merge_states(base: dict[str, Tensor], parts: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -435,7 +421,8 @@ def _fit_worker(rank, world, rule, batches, optimizer, local_lr, stages, schedul
     device = worker_device()
     groups = make_groups()
     batch_size = max(len(y) for _, y in batches)
-    plan = broadcast(make_plan(rule, stages, balance, batch_size, device) if rank == 0 else None, groups.control)
+    plan = make_plan(rule, stages, balance, batch_size, device) if rank == 0 else None
+    plan = Plan.from_plain(broadcast(plan.plain() if plan is not None else None, groups.control))
     base = {n: t.detach().clone() for n, t in rule.state_dict().items()} if rank == 0 else None
     stage, links = setup_stage(rule, plan, rank, device, groups, batch_size)
     groups_ = stage.param_groups(local_lr)
@@ -443,11 +430,11 @@ def _fit_worker(rank, world, rule, batches, optimizer, local_lr, stages, schedul
     runner = Runner(stage, links, schedule, opt, step_hook, profile=profile, record_losses=True)
     it = ((x.to(device), y.to(device)) for x, y in batches) if rank == 0 else None
     stats = runner.run_epoch(len(batches), it, warmup)
-    reports = [None] * world if rank == 0 else None
-    dist.gather_object((stage.owned_state(), stats), reports, dst=0, group=groups.control)
+    reports = gather((to_cpu(stage.owned_state()), stats._asdict()), groups.control)
     if rank != 0:
         return None
     states, all_stats = zip(*reports)
+    all_stats = [EpochStats(**s) for s in all_stats]
     losses = [sum(v) for v in zip(*(s.losses for s in all_stats))]  # each stage's part of the step's loss
     seconds = max(s.end for s in all_stats) - all_stats[0].start_timed
     timed = sum(len(y) for _, y in batches[warmup:])
@@ -481,6 +468,7 @@ class PipelineStrategy(Strategy):
             raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: {BACKWARD_LOCKED}; the pipeline runs "
                              f"{', '.join(pipelinable_rules())}")
         device = resolve_device(cfg.device)
+        warn_if_oversubscribed(cfg.stages, "--stages", device)
         args = (cfg.model_dump(mode="json"), resume, progress, list(callbacks))
         return launch(_stage_main, cfg.stages, args, backend=cfg.backend, device=device, timeout_s=timeout_s,
                       role="stage", unwrap=EXPECTED_ERRORS)[0]
@@ -496,8 +484,8 @@ class PipelineStrategy(Strategy):
 
     def load_data(self, load):
         splits = load() if self.is_main else None
-        info = DataInfo(tuple(splits.shape), splits.num_classes, len(splits.train)) if self.is_main else None
-        return splits, broadcast(info, self.groups.control)
+        info = DataInfo(tuple(splits.shape), splits.num_classes, len(splits.train))._asdict() if self.is_main else None
+        return splits, DataInfo(**broadcast(info, self.groups.control))
 
     def prepare(self, rule, checkpoint):
         super().prepare(rule, checkpoint)
@@ -511,7 +499,7 @@ class PipelineStrategy(Strategy):
                 log.info("%s", line)
             # the fixed tensors (feedback matrices) are the same everywhere; the trained ones come from their stage
             self.base = {n: t.detach().to("cpu", copy=True) for n, t in rule.state_dict().items()}
-        self.plan = broadcast(plan, self.groups.control)
+        self.plan = Plan.from_plain(broadcast(plan.plain() if plan is not None else None, self.groups.control))
         self.stage, self.links = setup_stage(rule, self.plan, self.rank, self.device, self.groups, cfg.batch_size)
 
     def param_groups(self, rule):
@@ -521,17 +509,21 @@ class PipelineStrategy(Strategy):
         return self.is_main
 
     def run_epoch(self, trainer, batches, steps, epoch):
+        # divergence is seen per stage (its part of the loss) and reported at epoch end, with its step: a
+        # stage stopping alone mid-epoch would leave its neighbours waiting on the data channels
         runner = Runner(self.stage, self.links, self.cfg.pipeline_schedule, trainer.optimizer,
-                        lambda stage, step: trainer.step_started(step))
+                        lambda stage, step: trainer.step_started(step), watch=trainer.watch)
         runner.global_step = trainer.global_step
         stats = runner.run_epoch(steps, batches)
         trainer.global_step = runner.global_step - steps
         trainer.advance(steps)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        reports = self.gather((stats, peak))
+        reports = self.gather((stats._asdict(), peak))
         if not self.is_main:
             return None
         all_stats, peaks = zip(*reports)
+        all_stats = [EpochStats(**s) for s in all_stats]
+        trainer.check_divergence(min((tuple(s.diverged) for s in all_stats if s.diverged), default=None))
         metrics: dict[str, float] = {}
         for s in all_stats:
             metrics.update({n: v / max(s.steps, 1) for n, v in s.metrics.items()})
@@ -542,9 +534,7 @@ class PipelineStrategy(Strategy):
                            [round(s.busy_s, 4) for s in all_stats], [round(s.wait_s, 4) for s in all_stats])
 
     def gather(self, obj):
-        reports = [None] * self.world_size if self.is_main else None
-        dist.gather_object(to_cpu(obj), reports, dst=0, group=self.groups.control)
-        return reports
+        return gather(to_cpu(obj), self.groups.control)
 
     def share(self, obj):
         return broadcast(obj, self.groups.control)

@@ -156,6 +156,16 @@ class Plan(NamedTuple):
     #: per stage: per-sample shape of each tensor it receives (its first unit's inputs)
     inputs: list[list[tuple[int, ...]]]
 
+    def plain(self) -> dict:
+        """The plan as plain data (ranges as ``[start, stop]``): what crosses processes (parallel/messages.py)."""
+        return {"stages": [[r.start, r.stop] for r in self.stages], "costs": list(self.costs),
+                "balance": self.balance, "inputs": [[list(s) for s in shapes] for shapes in self.inputs]}
+
+    @classmethod
+    def from_plain(cls, d: dict) -> Plan:
+        return cls([range(*r) for r in d["stages"]], d["costs"], d["balance"],
+                   [[tuple(s) for s in shapes] for shapes in d["inputs"]])
+
     def describe(self, rule: UnitRule) -> list[str]:
         return [f"stage {s}: {', '.join(rule.unit_name(i) for i in r)} "
                 f"(cost {sum(self.costs[i] for i in r):.3g} {self.balance})" for s, r in enumerate(self.stages)]

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from ..registry import RULES
+from ..registry import RULES, check_options
 from . import activation_sharing, associated_learning, bp, dfa, drtp, fa, forward_alignment, kolen_pollack, las, local_classifier, shallow, sign_symmetry, weight_mirror  # noqa: F401  (import is registration)
 from . import dtp  # noqa: F401
 from .base import DirectRule, Rule, StepResult, UnitRule
@@ -22,6 +22,7 @@ def build(name: str, model: nn.Module, num_classes: int, **options) -> Rule:
     refusal = entry.builder.model_refusal(model)
     if refusal:
         raise ValueError(f"rule {name!r} {refusal}")
+    check_options("rule", name, entry.builder, options)
     try:
         return entry.builder(model, num_classes, **options)
     except TypeError as err:

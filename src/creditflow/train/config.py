@@ -6,6 +6,8 @@ Unknown keys and bad values are errors that name what is allowed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +15,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..registry import DATASETS, MODELS, RULES
+
+
+#: config keys that say where a run's work happens, not what it computes: a run resumes across them
+PLACEMENT_KEYS = frozenset({"stages", "backend", "out"})
+
+
+def config_key(config: BaseModel) -> str:
+    """8 hex digits of the config's hash (less placement keys): default folders of different runs differ."""
+    values = {k: v for k, v in config.model_dump(mode="json").items() if k not in PLACEMENT_KEYS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
 class ConfigError(ValueError):
@@ -78,9 +90,12 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
     model_options: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, key=value")
     seed: int = Field(0, ge=0, description="seed for init, split, data order and augmentation")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
-    out: str | None = Field(None, description="output folder (default runs/<rule>-<dataset>-s<seed>)")
+    out: str | None = Field(None, description="output folder (default runs/<rule>-<dataset>-s<seed>-<hash of the config>)")
     eval_batch_size: int = Field(1000, ge=1, description="batch size for evaluation")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch (smoke runs)")
+    divergence_factor: float = Field(
+        1e4, ge=0, description="stop the run when a step's loss exceeds this many times the first step's (0: off; "
+                               "a NaN/Inf loss always stops it)")
 
     @field_validator("rule")
     @classmethod
@@ -94,7 +109,8 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
         return v
 
     def out_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.rule}-{self.dataset}-s{self.seed}")
+        # the hash: two runs differing in anything but where they run (model, lr, epochs...) never share a folder
+        return Path(self.out or f"runs/{self.rule}-{self.dataset}-s{self.seed}-{config_key(self)}")
 
     def rule_arguments(self) -> dict[str, Any]:
         """``rule_options`` plus the first-class rule flags that were set."""
@@ -118,7 +134,7 @@ class CompareConfig(RunConfig):
         return [registered(RULES, n) for n in names]
 
     def out_dir(self) -> Path:
-        return Path(self.out or f"runs/compare-{self.dataset}")
+        return Path(self.out or f"runs/compare-{self.dataset}-{config_key(self)}")
 
     def run(self, rule: str, seed: int) -> RunConfig:
         fields = self.model_dump(exclude={"rules", "seeds", "out", "rule", "seed"})
@@ -147,8 +163,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except yaml.YAMLError as err:  # its str() is a multi-line drawing; the mark and the problem say it in one
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    except OSError as err:  # a folder, a file we may not read
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data

@@ -10,10 +10,23 @@ from .checkpoint import write_json, write_text
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file ([] if there is none); a line that is not a JSON object names the file and line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {n} is not JSON ({err.msg}); the file is damaged: restore it, or "
+                             "start the run again with --overwrite") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {n} holds a {type(row).__name__}, expected one row object")
+        rows.append(row)
+    return rows
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

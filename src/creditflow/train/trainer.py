@@ -14,8 +14,10 @@ Every process of a run runs the same ``Trainer.fit``; the strategy says which is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -27,18 +29,23 @@ from .. import data, models, rules
 from ..diagnostics import saved_tensor_bytes
 from ..mechanisms.modes import eval_mode
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
-from .config import RunConfig, dump_yaml
+from .config import PLACEMENT_KEYS, RunConfig, dump_yaml
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
+from .runfolder import claim, config_diff
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+class Diverged(RuntimeError):
+    """Training stopped because the loss diverged; the message says whether a checkpoint is kept."""
 
 
-#: failures the CLI reports in one line, from any process of a run
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NonFiniteLoss)
+class NonFiniteLoss(Diverged):
+    """Training produced a NaN/Inf loss."""
+
+
+#: failures a worker re-raises as themselves (what one process would have raised), reported in one line
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, Diverged)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +109,50 @@ def evaluate(model: torch.nn.Module, imageset, splits, device, batch_size: int) 
             x = splits.normalize(xb.to(device, non_blocking=True))
             correct += (model(x).argmax(-1) == yb.to(device)).sum()
     return correct.item() / len(imageset)
+
+
+#: steps between host syncs that look at the divergence flags (the step itself is recorded on the device)
+DIVERGENCE_CHECK_EVERY = 50
+
+
+class DivergenceWatch:
+    """The first step whose loss is NaN/Inf or over ``factor`` x the first step's, kept on the device.
+
+    ``observe`` is a few scalar kernels and no host sync, so the hot loop stays asynchronous;
+    ``check`` syncs once (every :data:`DIVERGENCE_CHECK_EVERY` steps and at epoch end) and reports
+    the exact step. Tensors only: it travels in a pipeline stage's statistics as plain numbers.
+    """
+
+    def __init__(self, factor: float, device: torch.device, initial: float | None = None):
+        self.factor = factor
+        self.initial = self.limit = None
+        if initial is not None:
+            self._start(torch.tensor(initial, device=device))
+        self.step = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
+        self.loss = torch.zeros((), device=device)
+
+    def _start(self, first: torch.Tensor) -> None:
+        self.initial = first.abs()
+        # beyond the limit, or NaN (every comparison with NaN is False); float max, not inf, so that an Inf
+        # loss is over it too. A first loss of 0 (a pipeline stage without one) has nothing to grow from.
+        big = torch.tensor(torch.finfo(first.dtype).max, device=first.device)
+        self.limit = torch.where(self.initial > 0, self.factor * self.initial, big) if self.factor else big
+
+    def observe(self, step: int, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        if self.initial is None:
+            self._start(loss)
+        new = ~(loss.abs() <= self.limit) & (self.step < 0)  # 7 scalar kernels, no sync
+        self.step = torch.where(new, step, self.step)
+        self.loss = torch.where(new, loss, self.loss)
+
+    def check(self) -> tuple[int, float, float] | None:
+        """``(global step, its loss, the first step's loss)`` of the first bad step, or None (one host sync)."""
+        step = int(self.step)
+        return None if step < 0 else (step, float(self.loss), self.initial_loss())
+
+    def initial_loss(self) -> float | None:
+        return None if self.initial is None else float(self.initial)
 
 
 class EpochTotals(NamedTuple):
@@ -220,6 +271,7 @@ class Strategy:
                 continue  # a last batch smaller than the number of ranks: skipped on every rank
             x, y = part
             out = trainer.step(n, x, y)
+            trainer.observe_loss(out.loss)
             self.after_step()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -289,12 +341,26 @@ def register_strategy(name: str):
     return decorate
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
-          callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
-    """Train ``cfg`` to the end (or continue it with ``resume``) and return the summary."""
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, callbacks: Sequence[Callback] = (),
+          overwrite: bool = False, extend: bool = False) -> dict[str, Any] | None:
+    """Train ``cfg`` to the end (or continue it with ``resume``) and return the summary.
+
+    The run folder is claimed first (:func:`~creditflow.train.runfolder.claim`): locked for this
+    process, refused if it holds another run (unless ``overwrite``). ``extend``: continue a run
+    with more ``epochs``, the rest of its config unchanged.
+    """
+    cfg = cfg.model_copy(update={"out": str(cfg.out_dir())})  # config.yaml records where the run is
+    if extend:
+        if cfg.schedule == "cosine":  # its period is the epoch count: a longer run is another schedule
+            raise ValueError("--extend cannot lengthen a cosine schedule (its period is --epochs); start a new run")
+        resume = True
     if cfg.parallel not in STRATEGIES:
         import creditflow.parallel  # noqa: F401  (registers ddp and pipeline; import creditflow does it too)
-    return STRATEGIES[cfg.parallel].run(cfg, resume=resume, progress=progress, callbacks=callbacks)
+    # one process claims the folder: this one, or rank 0 of a torchrun launch (every rank runs train())
+    owner = int(os.environ.get("RANK", "0")) == 0
+    with (claim(cfg.out_dir(), cfg.model_dump(mode="json"), resume=resume, overwrite=overwrite, extend=extend,
+                ignore=PLACEMENT_KEYS) if owner else contextlib.nullcontext()):
+        return STRATEGIES[cfg.parallel].run(cfg, resume=resume, progress=progress, callbacks=callbacks)
 
 
 class Trainer:
@@ -326,6 +392,28 @@ class Trainer:
         for cb in reversed(self.callbacks):
             run = (lambda cb=cb, inner=run: cb.around_step(self, self.global_step, x, y, inner))
         return run()
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """After each step (before :meth:`advance`): a diverged loss stops the run at the next check."""
+        self.watch.observe(self.global_step, loss)
+        if (self.global_step + 1) % DIVERGENCE_CHECK_EVERY == 0:
+            self.check_divergence()
+
+    def check_divergence(self, found: tuple[int, float, float] | None = None) -> None:
+        """Raise :class:`Diverged` for the first bad step seen (``found``: reported by the strategy)."""
+        found = found or self.watch.check()
+        if found is None:
+            return
+        step, loss, first = found
+        epoch, within = divmod(step, self.steps_per_epoch)
+        done = self.epochs_done
+        kept = f"the checkpoint of epoch {done} is kept" if done else "no checkpoint was written"
+        where = f"epoch {epoch + 1} step {within + 1}"
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"{where}: training loss is {loss}; stopped, {kept} (try a smaller --lr)")
+        raise Diverged(f"{where}: training loss {loss:.4g} is over {self.cfg.divergence_factor:g} times the first "
+                       f"step's {first:.4g}; stopped, {kept} (try a smaller --lr, or --divergence-factor 0 to "
+                       "train on)")
 
     def advance(self, steps: int = 1) -> None:
         self.global_step += steps
@@ -372,11 +460,13 @@ class Trainer:
                 log.info("resuming %s at epoch %d", out, start + 1)
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            write_text(out / "config.yaml", dump_yaml(cfg))
+            write_text(out / "config.yaml", dump_yaml(cfg) + data_comment(splits))
         steps = math.ceil(info.train_size / cfg.batch_size)
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
         self.global_step = start * steps
+        self.steps_per_epoch, self.epochs_done = steps, start
+        self.watch = DivergenceWatch(cfg.divergence_factor, self.device, (ckpt or {}).get("initial_loss"))
         augment = data.augment.build(cfg.augment)
         for cb in self.callbacks:
             cb.on_fit_start(self)
@@ -394,6 +484,8 @@ class Trainer:
             self._bar = tqdm(total=steps, desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                              disable=not self.progress)
             totals = strategy.run_epoch(self, epoch_batches() if strategy.needs_batches() else None, steps, epoch)
+            if main:  # the rest of the epoch since the last check (the pipeline's every stage, gathered)
+                self.check_divergence()
             self._bar.close()
             self._bar = None
             if self.scheduler is not None:
@@ -404,6 +496,7 @@ class Trainer:
             rule_state = strategy.rule_state(rule)
             if not main:
                 strategy.release()
+                self.epochs_done = epoch + 1  # rank 0 has written its checkpoint
                 continue
             row = self._row(epoch, totals)
             rows.append(row)
@@ -415,13 +508,18 @@ class Trainer:
             save_checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "config": cfg.model_dump(mode="json"), "rule": rule_state,
                 "generator": gen.get_state(), "processes": states, "strategy": strategy.describe(),
+                "initial_loss": self.watch.initial_loss(),
             })
             strategy.release()
-            log.info("epoch %d: loss %.4f train %s val %s test %s", row["epoch"], row["train_loss"],
-                     _fmt(row["train_acc"]), _fmt(row["val_acc"]), _fmt(row["test_acc"]))
+            self.epochs_done = epoch + 1
+            # rule and seed on every line: compare interleaves many runs in one log
+            log.info("%s seed %d epoch %d/%d: loss %.4f, accuracy train %s val %s test %s", cfg.rule, cfg.seed,
+                     row["epoch"], cfg.epochs, row["train_loss"], _fmt(row["train_acc"]), _fmt(row["val_acc"]),
+                     _fmt(row["test_acc"]))
         summary = None
         if main:
             summary = summarize(rows, cfg.model_dump(mode="json"))
+            summary["data"] = {"origin": splits.origin, "files": list(splits.files)}
             if strategy.describe() is not None:
                 summary[strategy.name] = strategy.describe()
             write_summary(out / "summary.json", summary)
@@ -479,18 +577,15 @@ class Trainer:
                 torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
 
 
-#: config keys that say where a run's work happens, not what it computes: a run resumes across them
-PLACEMENT_KEYS = frozenset({"stages", "backend"})
-
-
 def check_resumable(saved: dict[str, Any], cfg: RunConfig, out) -> None:
-    """One-line ValueError naming the keys in which ``cfg`` differs from the run saved in ``out``."""
-    now = cfg.model_dump(mode="json")
-    keys = sorted(k for k in saved.keys() | now.keys() if k not in PLACEMENT_KEYS and saved.get(k) != now.get(k))
-    if keys:
-        diff = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys)
-        raise ValueError(f"cannot resume {out}: its config differs in {diff}; use the saved config.yaml "
-                         "or another --out")
+    """One-line ValueError naming the keys in which ``cfg`` differs from the run checkpointed in ``out``.
+
+    ``epochs`` may differ: :func:`train` let it (``--extend``) or refused it, from ``config.yaml``.
+    """
+    diff = config_diff(saved, cfg.model_dump(mode="json"), PLACEMENT_KEYS | {"epochs"})
+    if diff:
+        raise ValueError(f"cannot resume {out}: its checkpoint's config differs in {', '.join(diff)}; use the "
+                         "saved config.yaml or another --out")
 
 
 def named_optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
@@ -519,10 +614,17 @@ def load_named_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]
     opt.load_state_dict(sd)
 
 
+def data_comment(splits) -> str:
+    """Comment lines for config.yaml naming the data files this start read (YAML ignores them)."""
+    lines = [f"# data read: {f['path']} ({f.get('files', 1)} file{'s' if f.get('files', 1) > 1 else ''}, "
+             f"{f['bytes']} bytes, sha256 {f['sha256']})" for f in splits.files]
+    return "".join(line + "\n" for line in lines)
+
+
 def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+    return "n/a" if v is None else f"{v:.3f}"
 
 
-__all__ = ["Callback", "DataInfo", "EXPECTED_ERRORS", "EpochTotals", "NonFiniteLoss", "STRATEGIES", "SingleProcess", "Strategy",
+__all__ = ["Callback", "DataInfo", "Diverged", "EXPECTED_ERRORS", "EpochTotals", "NonFiniteLoss", "STRATEGIES", "SingleProcess", "Strategy",
            "Trainer", "build_rule", "build_run", "evaluate", "make_optimizer", "make_scheduler", "register_strategy",
            "resolve_device", "train"]

@@ -1,0 +1,127 @@
+"""Run folders: claimed by one process at a time, never overwritten by another run.
+
+``with claim(folder, config, resume=..., overwrite=...)``:
+
+1. refuses a folder that is a file, or under one;
+2. takes an exclusive ``fcntl.flock`` on ``folder/.lock``: the kernel drops it when the process
+   ends, however it ends, so a killed run never leaves a folder locked, and a second run started
+   into the same folder refuses in one line while the first holds it;
+3. removes ``.*.tmp`` files a killed atomic write left (safe: nobody else writes here now);
+4. compares ``config`` with the folder's ``config.yaml``: another run's folder is refused, naming
+   the differing keys and the ways out (``--resume``, another ``--out``, ``--overwrite``, and
+   ``--extend`` where only ``epochs`` grew); ``overwrite`` deletes the run files instead;
+5. on a failure, removes a folder it created that holds nothing of value (no metrics, no checkpoint).
+
+The lock file stays (deleting it would let a process that opened the old file and one that
+creates a new one both hold "the" lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOCK = ".lock"
+#: what a run folder holds that --overwrite removes (never anything else a user put there)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png", "curves.svg",
+             "results.json", "results.csv", "results.md")
+#: a failed start leaves only these: the folder goes
+NOTHING_OF_VALUE = {LOCK, "config.yaml"}
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used: a file, busy, or holding another run."""
+
+
+def config_diff(saved: dict[str, Any], now: dict[str, Any], ignore=frozenset()) -> list[str]:
+    """``["lr 0.001 -> 0.5", ...]``: every key (but ``ignore``) in which two configs differ."""
+    keys = sorted(k for k in saved.keys() | now.keys() if k not in ignore and saved.get(k) != now.get(k))
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
+
+
+@contextlib.contextmanager
+def claim(folder: str | Path, config: dict[str, Any], *, resume: bool = False, overwrite: bool = False,
+          extend: bool = False, ignore=frozenset()) -> Iterator[Path]:
+    """Hold ``folder`` for one run of ``config`` (the JSON dump of its schema) for the ``with`` block."""
+    folder = Path(folder)
+    created = not folder.exists()
+    _make(folder)
+    fd = _lock(folder)
+    try:
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                (folder / name).unlink(missing_ok=True)
+        else:
+            _check_config(folder, config, resume, extend, ignore)
+        yield folder
+    except BaseException:
+        if created and {p.name for p in folder.iterdir()} <= NOTHING_OF_VALUE:
+            shutil.rmtree(folder, ignore_errors=True)  # a failed start leaves no empty folder
+        raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _make(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"--out {folder} is a file, not a folder; choose another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), folder)
+        raise RunFolderError(f"cannot create run folder {folder}: {blocker} is a file; choose another --out") from None
+
+
+def _lock(folder: Path) -> int:
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunFolderError(f"run folder {folder} is in use by another creditflow run (pid {holder}); wait "
+                                 "for it to finish or choose another --out") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _check_config(folder: Path, config: dict[str, Any], resume: bool, extend: bool, ignore) -> None:
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise RunFolderError(f"{path} is not valid YAML: this folder's run cannot be identified; choose another "
+                             "--out, or pass --overwrite to replace it") from None
+    if extend:
+        if config.get("epochs", 0) <= saved.get("epochs", 0):
+            raise RunFolderError(f"--extend needs more epochs than the run in {folder} has ({saved.get('epochs')}), "
+                                 f"got {config.get('epochs')}")
+        ignore = ignore | {"epochs"}
+    diff = config_diff(saved, config, ignore)
+    if not diff:
+        return
+    longer = " or --extend to train it longer" if [d.split()[0] for d in diff] == ["epochs"] else ""
+    if resume:
+        raise RunFolderError(f"cannot resume {folder}: its config differs in {', '.join(diff)}; use the saved "
+                             f"config.yaml (--config {path}){longer}, choose another --out, or pass --overwrite to "
+                             "start it again")
+    raise RunFolderError(f"{folder} holds another run: its config differs in {', '.join(diff)}; continue it with "
+                         f"--resume --config {path}{longer}, choose another --out, or pass --overwrite to replace it")
+
+
+__all__ = ["RunFolderError", "claim", "config_diff"]
