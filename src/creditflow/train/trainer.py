@@ -354,8 +354,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, callba
         if cfg.schedule == "cosine":  # its period is the epoch count: a longer run is another schedule
             raise ValueError("--extend cannot lengthen a cosine schedule (its period is --epochs); start a new run")
         resume = True
-    if cfg.parallel not in STRATEGIES:
-        import creditflow.parallel  # noqa: F401  (registers ddp and pipeline; import creditflow does it too)
+    if cfg.parallel not in STRATEGIES:  # importing creditflow registers ddp and pipeline (creditflow.parallel)
+        raise ValueError(f"no strategy {cfg.parallel!r} registered; available: {', '.join(sorted(STRATEGIES))}")
     # one process claims the folder: this one, or rank 0 of a torchrun launch (every rank runs train())
     owner = int(os.environ.get("RANK", "0")) == 0
     with (claim(cfg.out_dir(), cfg.model_dump(mode="json"), resume=resume, overwrite=overwrite, extend=extend,
