@@ -75,3 +75,31 @@ def save_figure(fig, path: str | Path) -> None:
     metadata = {"Date": None} if fmt_ == "svg" else {"Software": None}
     with rc_context({"svg.hashsalt": "creditflow"}):  # unsalted, SVG element ids are random at every save
         atomic_write(path, lambda f: fig.savefig(f, format=fmt_, dpi=110, bbox_inches="tight", metadata=metadata))
+
+
+def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> bool:
+    """Training curves: loss (left) and accuracy (right) per epoch, one colour per run name
+    (``{name: metrics rows}``; train solid, validation dashed, test dotted). False, writing nothing,
+    when matplotlib is absent: the curves are a convenience beside ``metrics.jsonl``."""
+    try:
+        Figure = figure_class()
+    except ImportError:
+        return False
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for k, (name, rows) in enumerate(runs.items()):
+        color = f"C{k % 10}"
+        epochs = [r["epoch"] for r in rows]
+        loss_ax.plot(epochs, [r["train_loss"] for r in rows], color=color, marker="o", markersize=3, label=name)
+        for key, style in (("train_acc", "-"), ("val_acc", "--"), ("test_acc", ":")):
+            points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                acc_ax.plot(*zip(*points), color=color, linestyle=style, marker="o", markersize=3,
+                            label=f"{name} {key.split('_')[0]}")
+    loss_ax.set(xlabel="epoch", ylabel="train loss", title=title)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize="small", ncol=1 + len(runs) // 4)
+    save_figure(fig, path)
+    return True

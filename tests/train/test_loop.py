@@ -23,6 +23,12 @@ def test_run_writes_its_files(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the curves are written only where matplotlib is installed
+        assert not (tmp_path / "curves.png").exists()
+    else:
+        assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["seconds_per_step"] > 0 for r in rows)
     assert summary == json.loads((tmp_path / "summary.json").read_text())
     assert summary["test_acc"] == select_best(rows)["test_acc"]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .. import data, models, rules
 from ..diagnostics import saved_tensor_bytes
 from ..mechanisms.modes import eval_mode
+from ..report import plot_curves
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
 from .config import PLACEMENT_KEYS, RunConfig, dump_yaml
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
@@ -523,6 +524,7 @@ class Trainer:
             if strategy.describe() is not None:
                 summary[strategy.name] = strategy.describe()
             write_summary(out / "summary.json", summary)
+            plot_curves({cfg.rule: rows}, out / "curves.png", f"{cfg.rule} on {cfg.dataset}")  # with matplotlib
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
         return strategy.share(summary)  # every process returns it (torchrun: each is a CLI that reports)
