@@ -189,7 +189,8 @@ class Stage:
         self.units = plan.stages[index]
         self.num_stages = len(plan.stages)
         self.is_first, self.is_last = index == 0, index == self.num_stages - 1
-        self.owned = [m for i in self.units for m in unit_owned(rule)[i]]
+        owned = unit_owned(rule)
+        self.owned = [m for i in self.units for m in owned[i]]
         ids = {id(t) for m in self.owned for t in (*m.parameters(), *m.buffers())}
         self.owned_names = [n for n, t in rule.state_dict(keep_vars=True).items() if id(t) in ids]
         #: does this stage wait for the last stage's output error before it can update?

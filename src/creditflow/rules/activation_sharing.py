@@ -192,7 +192,8 @@ class SharedActivations:
             by_slot.setdefault(s, m)
         position = {id(m): j for j, m in enumerate(self._sharing)}
         rows = []
-        for layer in sorted(self.layers, key=lambda m: self._order(m)):
+        ran = {key: i for i, key in enumerate(self._input_shapes)}  # probe order; layers that never ran last
+        for layer in sorted(self.layers, key=lambda m: ran.get(id(m), len(ran))):
             shape = self._input_shapes.get(id(layer), ())
             j = position.get(id(layer))
             if j is None:
@@ -207,9 +208,6 @@ class SharedActivations:
                                 "own input" if own else f"input of {names[id(by_slot[self._source[j]])]}", target,
                                 None if own else source, None if own or source == target else self.match, feeds))
         return rows
-
-    def _order(self, layer) -> int:
-        return list(self._input_shapes).index(id(layer)) if id(layer) in self._input_shapes else len(self._input_shapes)
 
     def pipeline_cuts(self) -> set[int]:
         """Direct bases (ASFP-LC): a stage may not end between a shared activation's source and a layer
