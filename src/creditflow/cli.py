@@ -273,19 +273,25 @@ def analyze(run_dirs, quiet, **flags):
 
 
 @main.command()
-@click.argument("preset")
+@click.argument("preset", required=False)
+@click.option("--list", "list_presets", is_flag=True, help="list the presets, their budgets and run times, and exit")
 @click.option("--quiet", is_flag=True, help="no progress bar or epoch log")
 @schema_options(ReproduceOptions)
-def reproduce(preset, quiet, **flags):
-    """Reproduce a paper table (PRESET: las-fc, las-cnn, or a preset .yaml); --budget quick|full."""
-    from .jobs.reproduce import available, reproduce as run_reproduce
+def reproduce(preset, list_presets, quiet, **flags):
+    """Reproduce a paper table (PRESET: a name from --list, or a preset .yaml); --budget quick|cpu|full."""
+    from .jobs.reproduce import listing, reproduce as run_reproduce
 
+    if list_presets:
+        click.echo(listing())
+        return
+    if preset is None:
+        raise click.UsageError("name a PRESET (see --list)")
     opts = resolve(ReproduceOptions, None, flags)
     progress = setup_logging(quiet)
     try:
         results = run_reproduce(preset, opts, progress=progress)
-    except ValueError as err:
-        raise click.ClickException(f"{err} (presets: {', '.join(available())})") from None
+    except ValueError as err:  # the message names what is allowed (presets, budgets, cells, columns)
+        raise click.ClickException(str(err)) from None
     click.echo(results["report"])
     click.echo(f"results in {opts.out or f'runs/reproduce-{preset}-{opts.budget}'}/report.md, results.json")
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from creditflow.data import sources
-from creditflow.jobs.reproduce import ReproduceOptions, available, cell_runs, load_preset, reproduce
+from creditflow.jobs.reproduce import ReproduceOptions, available, budget_names, cell_runs, load_preset, reproduce
 
 TINY_PRESET = """
 name: tiny
@@ -19,6 +19,10 @@ cells:
 budgets:
   full: {seeds: 3, epochs: 100}
   quick: {seeds: 2, epochs: 1, max_steps_per_epoch: 3, batch_size: 32, lr: 0.001}
+  cpu: {seeds: 2, cells: [mini], epochs: 3, max_steps_per_epoch: 4, batch_size: 32, lr: 0.001, test_every: best,
+        jobs: 2, minutes: 1}
+  cpu_overrides:
+    mini: {epochs: 2}
 """
 
 
@@ -28,7 +32,7 @@ def test_packaged_presets_validate_and_name_only_reported_rules(name):
     assert preset.cells and set(preset.budgets) >= {"quick", "full"}
     for cell in preset.cells:
         assert set(cell.paper) <= set(preset.rules)
-        for budget in ("quick", "full"):
+        for budget in budget_names(preset):
             columns, runs = cell_runs(preset, cell, ReproduceOptions(budget=budget))
             assert columns == [r for r in preset.rules if r in cell.paper]
             assert all(c.download == (budget == "full") for _, c in runs)
@@ -89,3 +93,34 @@ def test_asap_presets_carry_table_5_1_learning_rates_and_columns():
     _, runs = cell_runs(sweep, next(c for c in sweep.cells if c.id == "wd-5e-3"), ReproduceOptions(budget="quick"))
     assert {c.weight_decay for _, c in runs} == {0.005}
     assert load_preset("asap-dim-match").cells[0].paper["match-3"] is None
+
+
+def test_cpu_budget_runs_side_by_side_and_equals_one_at_a_time(tmp_path, monkeypatch):
+    """A budget beyond quick/full: its cells, overrides and test_every reach the runs; two 1-thread
+    worker processes give exactly the numbers of the same runs one after another on one thread."""
+    import torch
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY_PRESET)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = reproduce(str(preset), ReproduceOptions(budget="cpu", out=str(tmp_path / "one"), device="cpu", jobs=1,
+                                                      columns="bp,dfa"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    two = reproduce(str(preset), ReproduceOptions(budget="cpu", out=str(tmp_path / "two"), device="cpu",
+                                                  columns="bp,dfa"), progress=False)
+    assert set(one["cells"]) == {"mini"} and two["jobs"] == 2  # the budget's cells and jobs
+    for column in ("bp", "dfa"):
+        a, b = one["cells"]["mini"]["summaries"][column], two["cells"]["mini"]["summaries"][column]
+        assert [s["seed"] for s in b] == [0, 1] and [s["epochs"] for s in b] == [2, 2]  # cpu_overrides
+        assert [s["test_acc"] for s in a] == [s["test_acc"] for s in b]
+    assert (tmp_path / "two" / "mini" / "curves.png").exists() == _has_matplotlib()
+    assert "2 run(s) side by side" in (tmp_path / "two" / "report.md").read_text()
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None

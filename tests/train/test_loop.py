@@ -42,6 +42,17 @@ def test_test_accuracy_is_taken_at_the_best_validation_epoch():
                         {"epoch": 2, "val_acc": None, "test_acc": 0.2}])["epoch"] == 2
 
 
+def test_test_every_best_reads_the_test_set_only_where_the_summary_may(tmp_path):
+    every = train(config(tmp_path / "every", epochs=5, lr=0.3, optimizer="sgd"), progress=False)
+    best = train(config(tmp_path / "best", epochs=5, lr=0.3, optimizer="sgd", test_every="best"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "best" / "metrics.jsonl").read_text().splitlines()]
+    for k, row in enumerate(rows):
+        new_best = all(row["val_acc"] > r["val_acc"] for r in rows[:k])
+        assert (row["test_acc"] is not None) == (new_best or row["epoch"] == 5)
+    assert sum(r["test_acc"] is None for r in rows) == 2  # validation fell after epoch 2: two test passes saved
+    assert best["test_acc"] == every["test_acc"] and best["final_test_acc"] == every["final_test_acc"]
+
+
 @pytest.mark.parametrize("rule", ["bp", "dfa"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, rule):
     straight = tmp_path / "straight"

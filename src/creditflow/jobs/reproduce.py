@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +28,7 @@ from ..train.checkpoint import write_json, write_text
 from ..train.config import RunConfig, validate
 from ..train.metrics import read_jsonl
 from ..train.trainer import train
-from ..report import fmt, fmt_mean_std, markdown_row, markdown_table
+from ..report import fmt, fmt_mean_std, markdown_row, markdown_table, plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +123,46 @@ def load_preset(name: str) -> Preset:
 class ReproduceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    budget: Literal["quick", "full"] = Field("quick", description="quick (laptop CPU) or full (the paper's protocol)")
+    budget: str = Field("quick", description="a budget the preset defines: quick (laptop CPU, minutes), cpu "
+                        "(this 2-core CPU, up to an hour, where the preset has one) or full (the paper's protocol)")
     data_dir: str | None = Field(None, description="folder holding the datasets")
     out: str | None = Field(None, description="output folder (default runs/reproduce-<preset>-<budget>)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
     seeds: int | None = Field(None, ge=1, description="override the budget's number of seeds")
     cells: str | None = Field(None, description="comma-separated cell ids to run (default: all)")
     columns: str | None = Field(None, description="comma-separated columns (rules) to run (default: all)")
+    jobs: int | None = Field(None, ge=1, description="runs side by side, one thread each (default: the budget's "
+                             "jobs, else 1)")
+
+
+#: budget keys that describe the budget rather than set a run's config
+BUDGET_META = ("seeds", "minutes", "jobs", "cells")
+
+
+def budget_names(preset: Preset) -> list[str]:
+    """The budgets a preset defines (``quick``, ``cpu``, ``full``...), not their ``<budget>_*`` settings."""
+    return [k for k in preset.budgets if "_" not in k]
+
+
+def budget_of(preset: Preset, name: str) -> dict[str, Any]:
+    if name not in budget_names(preset):
+        raise ValueError(f"preset {preset.name} has no budget {name!r}; its budgets: {', '.join(budget_names(preset))}")
+    return dict(preset.budgets[name])
+
+
+def listing() -> str:
+    """Every packaged preset, its budgets with seeds and the measured wall time on a 2-core CPU."""
+    rows = []
+    for name in available():
+        preset = load_preset(name)
+        budgets = []
+        for b in budget_names(preset):
+            spec = preset.budgets[b]
+            minutes = f", ~{spec['minutes']} min" if "minutes" in spec else ""
+            budgets.append(f"{b} ({spec.get('seeds', 1)} seed{'s' if spec.get('seeds', 1) > 1 else ''}{minutes})")
+        rows.append(markdown_row([name, preset.title, ", ".join(budgets)]))
+    return "\n".join([*markdown_table(["preset", "table", "budgets (time: measured on the 2-core CI-like CPU)"], []),
+                      *rows])
 
 
 def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[str], list[tuple[str, RunConfig]]]:
@@ -137,13 +173,14 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
     ``model`` (default: the cell's) and ``model_options``; these update the budget's
     ``<budget>_model_options`` for that model (looked up by full spec, then by name before ``:``).
     """
-    budget = dict(preset.budgets[opts.budget])
-    seeds = opts.seeds or budget.pop("seeds", 1)
-    budget.pop("seeds", None)
+    budget = budget_of(preset, opts.budget)
+    seeds = opts.seeds or budget.get("seeds", 1)
+    for key in BUDGET_META:
+        budget.pop(key, None)
     if opts.budget == "full":
         budget.update(cell.full)
     else:
-        budget.update(preset.budgets.get("quick_overrides", {}).get(cell.id, {}))
+        budget.update(preset.budgets.get(f"{opts.budget}_overrides", {}).get(cell.id, {}))
     budget_model_options = preset.budgets.get(f"{opts.budget}_model_options", {})
     wanted = set(opts.columns.split(",")) if opts.columns else None
     columns = [c for c in preset.rules if c in cell.paper and (wanted is None or c in wanted)]
@@ -175,14 +212,17 @@ def dataset_missing(cell: Cell, opts: ReproduceOptions) -> str | None:
 
 def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> dict[str, Any]:
     preset = load_preset(name)
+    budget_of(preset, opts.budget)
     out = Path(opts.out or f"runs/reproduce-{preset.name}-{opts.budget}")
-    wanted = set(opts.cells.split(",")) if opts.cells else None
+    # the cells asked for, else those the budget covers (a cpu budget may reach only some), else all
+    wanted = set(opts.cells.split(",")) if opts.cells else set(preset.budgets[opts.budget].get("cells", [])) or None
     if wanted and (unknown := wanted - {c.id for c in preset.cells}):
         raise ValueError(f"unknown cell(s) {sorted(unknown)}; available: {', '.join(c.id for c in preset.cells)}")
     if opts.columns and (unknown := set(opts.columns.split(",")) - set(preset.rules)):
         raise ValueError(f"unknown column(s) {sorted(unknown)}; available: {', '.join(preset.rules)}")
     results: dict[str, Any] = {"preset": preset.name, "budget": opts.budget, "cells": {}}
     missing_data: dict[str, str] = {}
+    planned: dict[str, tuple[list[str], list[tuple[str, RunConfig]]]] = {}
     for cell in preset.cells:
         if wanted and cell.id not in wanted:
             continue
@@ -194,19 +234,63 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
             log.warning("skipping %s: dataset %s is absent", cell.id, cell.dataset)
             results["cells"][cell.id] = {"skipped": missing_data[cell.dataset]}
             continue
-        columns, runs = cell_runs(preset, cell, opts)
-        summaries: dict[str, list[dict]] = {c: [] for c in columns}
-        for column, cfg in runs:
-            log.info("%s: %s seed %d", cell.id, column, cfg.seed)
-            summary = train(cfg, resume=True, progress=progress)
-            summaries[column].append({**summary, **run_extras(preset, cfg, summary, opts)})
-        results["cells"][cell.id] = {"summaries": summaries}
-        write_json(out / "results.json", results)  # after every cell: a killed run keeps what it has
+        planned[cell.id] = cell_runs(preset, cell, opts)
+    jobs = opts.jobs or preset.budgets[opts.budget].get("jobs", 1)
+    started = time.perf_counter()
+    done: dict[tuple[str, str, int], dict[str, Any]] = {}
+    order = [(cell_id, column, cfg) for cell_id, (_, runs) in planned.items() for column, cfg in runs]
+    for (cell_id, column, cfg), summary in run_all(order, jobs, progress):
+        done[cell_id, column, cfg.seed] = {**summary, **run_extras(preset, cfg, summary, opts)}
+        collect(results, planned, done)
+        write_json(out / "results.json", results)  # after every run: a killed preset keeps what it has
+    results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    results["jobs"] = jobs
+    for cell_id, (columns, runs) in planned.items():
+        plot_curves({f"{column} s{cfg.seed}": read_jsonl(cfg.out_dir() / "metrics.jsonl") for column, cfg in runs},
+                    out / cell_id / "curves.png", f"{preset.name} {cell_id} ({opts.budget})")
     report = to_report(preset, results, opts)
     write_text(out / "report.md", report)
     write_json(out / "results.json", results)
     results["report"] = report
     return results
+
+
+def collect(results: dict[str, Any], planned: dict[str, tuple[list[str], list[tuple[str, RunConfig]]]],
+            done: dict[tuple[str, str, int], dict[str, Any]]) -> None:
+    """The finished runs into ``results["cells"]``, in the preset's order of cells, columns and seeds."""
+    for cell_id, (columns, runs) in planned.items():
+        summaries: dict[str, list[dict]] = {c: [] for c in columns}
+        for column, cfg in runs:
+            if (cell_id, column, cfg.seed) in done:
+                summaries[column].append(done[cell_id, column, cfg.seed])
+        results["cells"][cell_id] = {"summaries": summaries}
+
+
+def run_all(order: list[tuple[str, str, RunConfig]], jobs: int, progress: bool):
+    """Yield ``(run, summary)`` as each run finishes: in order in this process (``jobs`` 1), else
+    ``jobs`` processes side by side with one thread each (on a small CPU two 1-thread runs beat one
+    2-thread run; docs/reproduction/README.md has the measurement). Each run resumes if it was cut."""
+    if jobs == 1:
+        for item in order:
+            log.info("%s: %s seed %d", *item[:2], item[2].seed)
+            yield item, train(item[2], resume=True, progress=progress)
+        return
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread_worker) as pool:
+        futures = {pool.submit(train, cfg, resume=True, progress=False): (cell_id, column, cfg)
+                   for cell_id, column, cfg in order}
+        for future in as_completed(futures):
+            item = futures[future]
+            summary = future.result()
+            log.info("%s: %s seed %d done, test %.4f", *item[:2], item[2].seed, summary["test_acc"])
+            yield item, summary
+
+
+def _one_thread_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
 def run_extras(preset: Preset, cfg: RunConfig, summary: dict[str, Any], opts: ReproduceOptions) -> dict[str, Any]:
@@ -234,7 +318,7 @@ def run_extras(preset: Preset, cfg: RunConfig, summary: dict[str, Any], opts: Re
 
 def budget_notes(preset: Preset, budget: str) -> str:
     """The budget's per-cell overrides and model options, as report text (empty when there are none)."""
-    overrides = (preset.budgets.get("quick_overrides", {}) if budget == "quick"
+    overrides = (preset.budgets.get(f"{budget}_overrides", {}) if budget != "full"
                  else {c.id: c.full for c in preset.cells if c.full})
     parts = [(label, settings) for label, settings in (
         ("Per-cell overrides", overrides), ("Model options", preset.budgets.get(f"{budget}_model_options", {})))
@@ -245,7 +329,7 @@ def budget_notes(preset: Preset, budget: str) -> str:
 
 
 def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -> str:
-    budget = preset.budgets[opts.budget]
+    budget = {k: v for k, v in preset.budgets[opts.budget].items() if k not in ("minutes", "jobs", "cells")}
     lines = [
         f"# {preset.title} — `{opts.budget}` budget",
         "",
@@ -253,7 +337,10 @@ def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -
         "epoch over seeds, with the paper's number in brackets. Budget: "
         + ", ".join(f"{k}={v}" for k, v in budget.items())
         + budget_notes(preset, opts.budget)
-        + ". Each run's resolved config is in `<cell>/<rule>/seed<k>/config.yaml`.",
+        + ". Each run's resolved config is in `<cell>/<rule>/seed<k>/config.yaml`, its metrics and curves "
+        "beside it; `<cell>/curves.png` draws every run of a cell."
+        + (f" Wall time {results['wall_seconds'] / 60:.1f} min, {results['jobs']} run(s) side by side."
+           if "wall_seconds" in results else ""),
         "",
         *markdown_table(["cell", *preset.rules], []),
     ]

@@ -92,6 +92,9 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
     out: str | None = Field(None, description="output folder (default runs/<rule>-<dataset>-s<seed>-<hash of the config>)")
     eval_batch_size: int = Field(1000, ge=1, description="batch size for evaluation")
+    test_every: Literal["epoch", "best"] = Field(
+        "epoch", description="evaluate the test set every epoch, or only at a new best validation epoch and the "
+        "last (the reported accuracy is the same; saves the test pass on other epochs)")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on training steps per epoch (smoke runs)")
     divergence_factor: float = Field(
         1e4, ge=0, description="stop the run when a step's loss exceeds this many times the first step's (0: off; "

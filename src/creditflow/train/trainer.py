@@ -499,7 +499,7 @@ class Trainer:
                 strategy.release()
                 self.epochs_done = epoch + 1  # rank 0 has written its checkpoint
                 continue
-            row = self._row(epoch, totals)
+            row = self._row(epoch, totals, rows)
             rows.append(row)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, row)
@@ -529,7 +529,7 @@ class Trainer:
             cb.on_fit_end(self, summary)
         return strategy.share(summary)  # every process returns it (torchrun: each is a CLI that reports)
 
-    def _row(self, epoch: int, t: EpochTotals) -> dict[str, Any]:
+    def _row(self, epoch: int, t: EpochTotals, earlier: list[dict[str, Any]]) -> dict[str, Any]:
         train_loss = t.loss_sum / max(t.seen, 1)
         if not math.isfinite(train_loss):
             kept = (f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written")
@@ -544,9 +544,18 @@ class Trainer:
                "stage_busy_s": t.stage_busy_s, "stage_wait_s": t.stage_wait_s,
                **dict(sorted(t.metrics.items()))}
         row["val_acc"] = evaluate(model, self.splits.val, self.splits, self.device, self.cfg.eval_batch_size)
-        row["test_acc"] = evaluate(model, self.splits.test, self.splits, self.device, self.cfg.eval_batch_size)
+        row["test_acc"] = None
+        if self._test_now(row, earlier):
+            row["test_acc"] = evaluate(model, self.splits.test, self.splits, self.device, self.cfg.eval_batch_size)
         row["lr"] = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.cfg.lr
         return row
+
+    def _test_now(self, row: dict[str, Any], earlier: list[dict[str, Any]]) -> bool:
+        """Whether this epoch's test accuracy can be reported: every epoch, or (``test_every: best``)
+        only where the summary may read it, a new best validation epoch or the last one."""
+        if self.cfg.test_every == "epoch" or row["val_acc"] is None or row["epoch"] >= self.cfg.epochs:
+            return True
+        return all(row["val_acc"] > r["val_acc"] for r in earlier)  # earliest on ties, as select_best
 
     # -- per-process state: optimizer (by parameter name), scheduler, RNG ----------------------------
 
