@@ -10,7 +10,7 @@ def test_markdown_table_keeps_an_empty_corner_cell_and_formats_values():
 
 def test_mean_std_skips_missing_values():
     assert fmt_mean_std([0.5, None, 0.7]) == "0.6000 ± 0.1414"
-    assert fmt_mean_std([0.5], ".4g", ".2g") == "0.5 ± 0"
+    assert fmt_mean_std([0.5], ".4g", ".2g") == "0.5"  # one value: no spread claimed
     assert fmt_mean_std([None]) == "n/a"
     assert csv_text(["a", "b"], [[1, None]]) == "a,b\r\n1,\r\n"
 

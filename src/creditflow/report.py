@@ -31,10 +31,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def fmt_mean_std(values: Iterable[float | None], spec: str = ".4f", std_spec: str | None = None) -> str:
-    """``mean ± std`` of the values that are not None; ``n/a`` when none are."""
+    """``mean ± std`` of the values that are not None; the value alone when there is one (a single
+    seed has no spread to claim); ``n/a`` when none are."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:{spec}}"
     mean, std = mean_std(values)
     return f"{mean:{spec}} ± {std:{std_spec or spec}}"
 

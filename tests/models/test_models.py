@@ -36,6 +36,17 @@ def test_mlp_activation_option():
         cf.models.build("mlp:4-3-2", activation="tanhh")
 
 
+def test_mlp_linear_and_batch_norm_options():
+    """The FoA thesis's Table 3.1 networks: 784-10-10-10 linear, and with BatchNorm + ReLU."""
+    linear = cf.models.build("mlp:784-10-10-10", activation="identity", bias=False)
+    x = torch.randn(5, 784)
+    product = linear[2].weight @ linear[1][0].weight @ linear[0][1].weight
+    torch.testing.assert_close(linear(x), x @ product.T)  # one linear map, no bias
+    bn = cf.models.build("mlp:784-10-10-10", batch_norm=True)
+    assert [type(m).__name__ for m in bn[1]] == ["Linear", "BatchNorm1d", "ReLU"] and bn[0][1].bias is not None
+    assert isinstance(bn[2], nn.Linear) and sum(isinstance(m, nn.BatchNorm1d) for m in bn.modules()) == 2
+
+
 @pytest.mark.parametrize("spec,options,match", [
     ("mlp:784-x-10", {}, "expected integers"),
     ("mlp:784-10", {}, "at least one hidden"),

@@ -40,6 +40,8 @@ class Cell(BaseModel):
     dataset: str
     model: str
     augment: str = "none"
+    #: options of the cell's model (e.g. a linear and a BatchNorm variant of one spec)
+    model_options: dict[str, Any] = Field(default_factory=dict)
     paper: dict[str, float | None]  # None: the paper shows the number only in a figure
     full: dict[str, Any] = Field(default_factory=dict)
     #: per-column run settings for this cell, e.g. the thesis's per-rule learning rates
@@ -170,7 +172,8 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
 
     Settings merge in this order: budget < the cell's full-budget or quick overrides < the
     column's definition (``columns``) < the cell's per-column ``settings``. A column may set
-    ``model`` (default: the cell's) and ``model_options``; these update the budget's
+    ``model`` (default: the cell's) and ``model_options``; these update the cell's own
+    ``model_options`` (for the cell's model), which update the budget's
     ``<budget>_model_options`` for that model (looked up by full spec, then by name before ``:``).
     """
     budget = budget_of(preset, opts.budget)
@@ -191,6 +194,7 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
         # a column may train another model (BP's matched twin of an al-* model) with its own options
         model = column_settings.pop("model", cell.model)
         model_options = {**budget_model_options.get(model, budget_model_options.get(model.split(":")[0], {})),
+                         **(cell.model_options if model == cell.model else {}),
                          **column_settings.pop("model_options", {})}
         for seed in range(seeds):
             values = {**budget, "seed": seed, "dataset": cell.dataset, "model": model, "augment": cell.augment,

@@ -19,6 +19,7 @@ ACTIVATIONS = {
     "gelu": nn.GELU,
     "leaky-relu": nn.LeakyReLU,
     "elu": nn.ELU,
+    "identity": nn.Identity,  # a linear network (the FoA thesis's Table 3.1 "linear")
 }
 
 

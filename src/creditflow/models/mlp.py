@@ -11,14 +11,17 @@ from .blocks import BlockNet, parse_dims
 from .blocks import activation as make_activation
 
 
-@register_model("mlp", summary="fully connected net, e.g. mlp:784-1024-1024-10 (activation=relu|tanh|...)",
-                paper="LAS paper Sec. IV.A")
-def mlp(spec: str = "784-1024-1024-10", *, activation: str = "relu", input_shape=None,
-        num_classes: int | None = None) -> BlockNet:
-    """One block per hidden layer (Linear + activation), then a Linear head.
+@register_model("mlp", summary="fully connected net, e.g. mlp:784-1024-1024-10 (activation=relu|tanh|identity|..., "
+                "batch_norm, bias)", paper="LAS paper Sec. IV.A")
+def mlp(spec: str = "784-1024-1024-10", *, activation: str = "relu", batch_norm: bool = False, bias: bool = True,
+        input_shape=None, num_classes: int | None = None) -> BlockNet:
+    """One block per hidden layer (Linear [+ BatchNorm1d] + activation), then a Linear head.
 
     The first block flattens its input, so image tensors (N, C, H, W) go in unchanged.
-    ``input_shape`` defaults to ``(D0,)``; pass the image shape to document it.
+    ``input_shape`` defaults to ``(D0,)``; pass the image shape to document it. ``batch_norm``
+    normalises each hidden layer's pre-activation (Linear, BN, activation: the order of the ASAP
+    authors' code, code/convnet.py); the head stays a plain Linear. ``activation=identity``
+    makes a linear network; ``bias=False`` drops every Linear's bias.
     """
     dims = parse_dims(spec, "mlp sizes")
     if len(dims) < 3:
@@ -30,6 +33,9 @@ def mlp(spec: str = "784-1024-1024-10", *, activation: str = "relu", input_shape
     blocks: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-2], dims[1:-1])):
         layers = [nn.Flatten()] if i == 0 else []
-        blocks.append(nn.Sequential(*layers, nn.Linear(d_in, d_out), make_activation(activation)))
-    blocks.append(nn.Linear(dims[-2], dims[-1]))
+        layers.append(nn.Linear(d_in, d_out, bias=bias))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(d_out))
+        blocks.append(nn.Sequential(*layers, make_activation(activation)))
+    blocks.append(nn.Linear(dims[-2], dims[-1], bias=bias))
     return BlockNet(blocks, input_shape or (dims[0],))
