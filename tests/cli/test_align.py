@@ -101,3 +101,39 @@ def test_sharing_prints_the_plan_and_refuses_other_rules():
     assert "| 3.conv2 | 3 | input of 3.conv1 | 8x16x16 | 4x32x32 | max | W and B |" in result.output
     result = CliRunner().invoke(main, ["sharing", "--rule", "dfa"])
     assert result.exit_code != 0 and "rules that do: as, asap, asfp, asfp-lc" in result.output
+
+
+def test_a_killed_probe_resumes_with_every_measurement_once(tmp_path):
+    """The probe's rows live in the run folder: a kill mid-epoch 2 and a resume give the rows (and
+    per-epoch means) of an uninterrupted run, the final measurement flagged and kept out of the means."""
+    from creditflow.jobs.align import AlignmentProbe, epoch_means
+    from creditflow.train import Callback, RunConfig, train
+
+    def cfg(folder):
+        return RunConfig(rule="dfa", model="mlp:784-16-16-10", epochs=3, max_steps_per_epoch=4, batch_size=16,
+                         eval_batch_size=500, device="cpu", out=str(folder))
+
+    train(cfg(tmp_path / "straight"), progress=False,
+          callbacks=[AlignmentProbe("dfa", 3, "pre-activation", tmp_path / "straight")])
+
+    class DiesInEpoch2(Callback):
+        def on_step_start(self, trainer, step):
+            if step == 6:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "killed"), progress=False,
+              callbacks=[AlignmentProbe("dfa", 3, "pre-activation", tmp_path / "killed"), DiesInEpoch2()])
+    probe = AlignmentProbe("dfa", 3, "pre-activation", tmp_path / "killed")
+    train(cfg(tmp_path / "killed"), resume=True, progress=False, callbacks=[probe])
+
+    def rows(folder):
+        return [json.loads(line) for line in (folder / "alignment.jsonl").read_text().splitlines()]
+
+    straight, killed = rows(tmp_path / "straight"), rows(tmp_path / "killed")
+    assert killed == straight == probe.rows
+    assert sorted({r["step"] for r in straight}) == [0, 3, 6, 9, 12]  # 12: after the last step
+    assert [r["step"] for r in straight if r.get("final")] == [12, 12]
+    means = epoch_means(straight)
+    assert sorted((m["epoch"], m["block"], m["n"]) for m in means) == [
+        (1, 0, 2), (1, 1, 2), (2, 0, 1), (2, 1, 1), (3, 0, 1), (3, 1, 1)]  # steps 0,3 | 6 | 9

@@ -131,3 +131,35 @@ def test_block_cosine_is_the_mean_over_samples_and_skips_zero_vectors():
     r = torch.tensor([[1.0, 1.0], [0.0, 5.0], [1.0, 0.0]])
     assert block_cosine(s, r) == pytest.approx((1 / math.sqrt(2) + 1.0) / 2)
     assert math.isnan(block_cosine(None, r)) and math.isnan(block_cosine(s[2:], r[2:]))
+
+
+def test_pre_activation_is_the_output_signal_masked_by_relus_derivative():
+    """delta_1 = s_1 * f'(a_1) (LAS paper eq. 24): the output signals of both sides, masked by hand."""
+
+    def dfa():
+        torch.manual_seed(1)  # the same B every call
+        return cf.rules.build("dfa", tiny_mlp(dims=(6, 5, 4, 4, 3)), num_classes=3)
+
+    x, y = batch((6,))
+    rule = dfa()
+    with AlignmentProbe(rule) as probe:
+        reference = copy.deepcopy(probe._reference)  # plain BP copy of the weights the step starts from
+        rule.step(x, y)
+    h, outputs = x, []
+    for block in list(reference.children())[:-1]:
+        h = block(h)
+        h.retain_grad()
+        outputs.append(h)
+    rule.loss.value(reference[-1](h), y).backward()
+    masks = [(o > 0).double() for o in outputs]  # ReLU'(a) = 1 exactly where the output is positive
+    expected = [block_cosine(s * m, o.grad * m) for s, o, m in zip(probe.signals, outputs, masks)]
+    got = measure(dfa(), x, y, at="pre-activation").block_cosine
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert got != pytest.approx(measure(dfa(), x, y).block_cosine, abs=1e-3)  # the mask matters
+
+
+def test_pre_activation_needs_blocks_ending_in_an_activation():
+    model = cf.models.BlockNet([nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5)), nn.Linear(5, 3)], (6,))
+    rule = cf.rules.build("bp", model, num_classes=3)
+    with pytest.raises(ValueError, match="block 0 ends in Linear .*use at=output"):
+        measure(rule, *batch((6,)), at="pre-activation")

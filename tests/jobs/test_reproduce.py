@@ -3,7 +3,14 @@ import json
 import pytest
 
 from creditflow.data import sources
-from creditflow.jobs.reproduce import ReproduceOptions, available, budget_names, cell_runs, load_preset, reproduce
+from creditflow.jobs.reproduce import (
+    ReproduceOptions,
+    available,
+    budget_names,
+    cell_runs,
+    load_preset,
+    reproduce,
+)
 
 TINY_PRESET = """
 name: tiny
@@ -124,3 +131,41 @@ def _has_matplotlib() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("matplotlib") is not None
+
+
+PROBED = """
+name: probed
+title: "Alignment while training"
+paper: "nobody 2024"
+rules: [dfa, dfa-product]
+columns:
+  dfa-product: {rule: dfa, feedback_init: product}
+cells:
+  - {id: mini, dataset: fashion-mnist-mini, model: "mlp:784-16-16-10", paper: {dfa: null, dfa-product: null}}
+probe: {every: 1, at: pre-activation}
+budgets:
+  full: {seeds: 1, epochs: 100}
+  quick: {seeds: 2, epochs: 2, max_steps_per_epoch: 4, batch_size: 16, lr: 0.001, probe_every: 2}
+"""
+
+
+def test_a_probed_preset_reports_per_epoch_alignment_over_seeds(tmp_path):
+    from creditflow.jobs.align import epoch_means
+    from creditflow.train.metrics import read_jsonl
+
+    preset = tmp_path / "probed.yaml"
+    preset.write_text(PROBED)
+    out = tmp_path / "out"
+    results = reproduce(str(preset), ReproduceOptions(budget="quick", out=str(out), device="cpu"), progress=False)
+    rows = results["cells"]["mini"]["alignment"]
+    assert {(r["rule"], r["epoch"], r["block"]) for r in rows} == {
+        (c, e, b) for c in ("dfa", "dfa-product") for e in (1, 2) for b in (0, 1)}
+    # the mean over the two seeds of each run's own epoch means (steps 0, 2 | 4, 6: probe_every 2)
+    runs = [epoch_means(read_jsonl(out / "mini" / "dfa" / f"seed{s}" / "alignment.jsonl")) for s in (0, 1)]
+    assert all(len([m for m in run if m["n"] == 2]) == 4 for run in runs)
+    first = next(r for r in rows if (r["rule"], r["epoch"], r["block"]) == ("dfa", 1, 0))
+    values = [next(m["cosine"] for m in run if (m["epoch"], m["block"]) == (1, 0)) for run in runs]
+    assert first["seeds"] == 2 and first["cosine"] == pytest.approx(sum(values) / 2)
+    report = (out / "report.md").read_text()
+    assert "cosine at each block's pre-activation, measured every 2 steps" in report and "| dfa-product |" in report
+    assert (out / "mini" / "alignment-epochs.csv").read_text().startswith("rule,epoch,block,cosine,std,seeds")

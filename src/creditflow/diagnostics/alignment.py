@@ -19,8 +19,13 @@ mean. The scale of a signal does not enter: only its direction.
 Weight alignment: for every ``(B, reference)`` in ``rule.feedback_pairs()`` (FA: ``B`` vs ``W``;
 DFA/LAS: ``B_i`` vs ``W_L ... W_{i+1}``) the angle ``arccos(cos(vec B, vec reference))`` in degrees.
 
-Recording needs no help from the rule: a forward hook on each block registers a tensor hook on its
-output. References: Yang, Lee & Park 2024, Sec. IV.C and Fig. 4; Lillicrap et al. 2016, Fig. 2;
+``at="pre-activation"`` records one step further down instead: the gradient at the input of each
+block's final activation, ``delta_i = s_i * f'(a_i)`` (the LAS paper's ``delta_1``, eq. 24, and its
+Fig. 4), for blocks that end in an activation module. Mask-free it is the same direction as at the
+output; with ReLU the inactive units drop out of both vectors.
+
+Recording needs no help from the rule: a forward hook on each block (or on its final activation)
+registers a tensor hook on its output (or the activation's input). References: Yang, Lee & Park 2024, Sec. IV.C and Fig. 4; Lillicrap et al. 2016, Fig. 2;
 Nøkland 2016, Sec. 5.
 """
 
@@ -92,17 +97,37 @@ def weight_angles(rule: nn.Module) -> dict[str, float]:
     return angles
 
 
+#: where the signal is read: the block's output h_i, or the input a_i of its final activation
+PLACES = ("output", "pre-activation")
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+def final_activation(block: nn.Module, i: int) -> nn.Module:
+    """The activation module that ends block ``i`` (for ``at="pre-activation"``); one line if none does."""
+    last = list(block.children())[-1] if len(list(block.children())) else block
+    if not isinstance(last, ACTIVATIONS):
+        raise ValueError(f"pre-activation alignment reads the input of each block's final activation; block {i} "
+                         f"ends in {type(last).__name__} (allowed: blocks ending in "
+                         f"{', '.join(a.__name__ for a in ACTIVATIONS)}), use at=output")
+    return last
+
+
 class _Recorder:
-    """Forward hooks on blocks that catch the gradient arriving at each block's output."""
+    """Forward hooks that catch the gradient arriving at each block's output (``at="output"``) or at
+    the input of its final activation (``at="pre-activation"``)."""
 
-    def __init__(self, blocks: list[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], at: str = "output"):
+        if at not in PLACES:
+            raise ValueError(f"unknown alignment place {at!r}; allowed: {', '.join(PLACES)}")
         self.grads: list[Tensor | None] = [None] * len(blocks)
-        self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+        hooked = blocks if at == "output" else [final_activation(b, i) for i, b in enumerate(blocks)]
+        self.handles = [b.register_forward_hook(self._hook(i, at)) for i, b in enumerate(hooked)]
 
-    def _hook(self, i: int):
+    def _hook(self, i: int, at: str):
         def on_forward(module, inputs, output):
-            if isinstance(output, Tensor) and output.requires_grad:
-                output.register_hook(lambda g: self._add(i, g))
+            tensor = output if at == "output" else inputs[0]
+            if isinstance(tensor, Tensor) and tensor.requires_grad:
+                tensor.register_hook(lambda g: self._add(i, g))
 
         return on_forward
 
@@ -150,10 +175,14 @@ class AlignmentProbe:
 
     Args:
         rule: any rule (``Rule`` subclass): ``rule.model`` is a Sequential of blocks + head.
+        at: ``"output"`` (the signal at each block's output) or ``"pre-activation"`` (at the
+            input of each block's final activation: ``delta_i``).
     """
 
-    def __init__(self, rule: nn.Module):
-        self.rule = rule
+    def __init__(self, rule: nn.Module, at: str = "output"):
+        if at not in PLACES:
+            raise ValueError(f"unknown alignment place {at!r}; allowed: {', '.join(PLACES)}")
+        self.rule, self.at = rule, at
         self._recorder: _Recorder | None = None
         self._reference: nn.Module | None = None
         self._random: dict | None = None
@@ -162,7 +191,7 @@ class AlignmentProbe:
         # The copy first: it must not carry the hooks registered next.
         self._reference = plain_copy(self.rule.model).requires_grad_(True)  # Shallow's frozen blocks too
         self._random = _random_state(_rng_devices(self.rule.model))
-        self._recorder = _Recorder(hidden_blocks(self.rule.model))
+        self._recorder = _Recorder(hidden_blocks(self.rule.model), self.at)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -182,7 +211,7 @@ class AlignmentProbe:
         reference = self._reference
         if reference is None:
             raise RuntimeError("AlignmentProbe.alignment was already called; use one probe per step")
-        recorder = _Recorder(hidden_blocks(reference))
+        recorder = _Recorder(hidden_blocks(reference), self.at)
         try:
             with _same_random_state(self._random), torch.enable_grad():
                 loss = self.rule.loss.value(reference(x), y)
@@ -194,7 +223,7 @@ class AlignmentProbe:
                          weight_angles(self.rule))
 
 
-def measure(rule: nn.Module, x: Tensor, y: Tensor) -> Alignment:
+def measure(rule: nn.Module, x: Tensor, y: Tensor, at: str = "output") -> Alignment:
     """Alignment of ``rule``'s signals with BP's gradients on the batch ``x, y``, without side effects.
 
     The step runs on a deep copy of the rule, in the rule's train/eval mode: the rule's ``.grad``,
@@ -204,6 +233,7 @@ def measure(rule: nn.Module, x: Tensor, y: Tensor) -> Alignment:
     Args:
         rule: any rule; ``rule.model`` is a Sequential of blocks + head.
         x: a batch of inputs, on the rule's device; y: its (N,) class labels.
+        at: where each block's signal is read: ``"output"`` or ``"pre-activation"``.
 
     Returns:
         :class:`Alignment`: per hidden block mean per-sample cosine with BP, and weight angles.
@@ -220,6 +250,6 @@ def measure(rule: nn.Module, x: Tensor, y: Tensor) -> Alignment:
         for p, g in zip(params, grads):
             p.grad = g
     with torch.random.fork_rng(devices=_rng_devices(rule)):  # the twin's step must not move the RNG
-        with AlignmentProbe(twin) as probe:
+        with AlignmentProbe(twin, at) as probe:
             twin.step(x, y)
         return probe.alignment(x, y)

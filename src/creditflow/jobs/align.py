@@ -20,17 +20,18 @@ import math
 import re
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator
 
 from .. import data
 from ..diagnostics import measure
-from ..rules import parse_spec as parse_rule_spec
 from ..report import figure_class, finite, fmt, save_figure
+from ..rules import parse_spec as parse_rule_spec
 from ..train.checkpoint import write_json, write_text
 from ..train.config import PLACEMENT_KEYS, RunConfig, config_key
+from ..train.metrics import read_jsonl, write_jsonl
 from ..train.runfolder import claim
 from ..train.trainer import Callback, DataInfo, build_rule, resolve_device, train
 
@@ -44,6 +45,9 @@ class AlignConfig(RunConfig):
                              description="rules to measure, comma-separated; per-rule options after colons, "
                                          "e.g. dfa:feedback_init=product,fa")
     every: int = Field(50, ge=1, description="training steps between measurements")
+    at: Literal["output", "pre-activation"] = Field(
+        "output", description="where each block's signal is read: its output h_i, or the input of its final "
+        "activation (delta_i = s_i * f'(a_i), the LAS paper's Fig. 4)")
     plot: bool = Field(True, description="write alignment.png/.svg (needs matplotlib)")
     out: str | None = Field(None, description="output folder (default runs/align-<dataset>-<hash of the config>)")
 
@@ -74,7 +78,7 @@ class AlignConfig(RunConfig):
     def run(self, spec: str) -> RunConfig:
         """The run of one rule: ``rule_options`` for every rule, then the spec's own options; its own folder."""
         name, options = parse_rule_spec(spec)
-        fields = self.model_dump(exclude={"rules", "every", "plot", "out", "rule", "rule_options"})
+        fields = self.model_dump(exclude={"rules", "every", "at", "plot", "out", "rule", "rule_options"})
         folder = self.out_dir() / "runs" / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
         return RunConfig(**fields, rule=name, rule_options={**self.rule_options, **options}, out=str(folder))
 
@@ -115,43 +119,79 @@ def _align(cfg: AlignConfig, config: dict[str, Any], progress: bool, overwrite: 
 class AlignmentProbe(Callback):
     """The trainer's callback of this job: before steps 0, ``every``, 2 ``every``, ... it compares the
     signal each hidden block receives with BP's gradient on that step's batch, and once more after
-    the last step (the trained network, on the last batch)."""
+    the last step (the trained network, on the last batch; its rows carry ``final``).
 
-    def __init__(self, spec: str, every: int):
-        self.spec, self.every = spec, every
+    With ``folder`` the rows are written to ``folder/alignment.jsonl`` at every epoch's end, and a
+    resumed run reads back those of the epochs its checkpoint holds: a long probe survives a kill.
+    """
+
+    def __init__(self, spec: str, every: int, at: str = "output", folder: Path | None = None):
+        self.spec, self.every, self.at = spec, every, at
+        self.path = Path(folder) / "alignment.jsonl" if folder is not None else None
         self.rows: list[dict[str, Any]] = []
         self.epoch, self.last = 1, None
+
+    def on_fit_start(self, trainer):
+        if self.path is not None and trainer.epochs_done:
+            done = trainer.epochs_done  # rows of an epoch the checkpoint does not hold are measured again
+            self.rows = [r for r in read_jsonl(self.path) if r["epoch"] <= done]
 
     def on_epoch_start(self, trainer, epoch):
         self.epoch = epoch + 1
 
     def around_step(self, trainer, step, x, y, run):
         if step % self.every == 0:
-            self.rows += records(self.spec, self.epoch, step, measure(trainer.rule, x, y))
+            self.rows += records(self.spec, self.epoch, step, measure(trainer.rule, x, y, self.at))
         self.last = (x, y)
         return run()
 
     def on_epoch_end(self, trainer, row):
-        last = {r["block"]: r["cosine"] for r in self.rows if r["step"] == self.rows[-1]["step"]} if self.rows else {}
-        log.info("%s epoch %d: test %s cosine %s", self.spec, row["epoch"], fmt(row["test_acc"], ".3f"),
-                 " ".join(f"block{b} {fmt(c, '.3f')}" for b, c in last.items()))
+        mine = [r for r in self.rows if r["epoch"] == row["epoch"]]
+        means = epoch_means(mine)
+        log.info("%s epoch %d: test %s, mean cosine this epoch %s", self.spec, row["epoch"],
+                 fmt(row["test_acc"], ".3f"), " ".join(f"block{m['block']} {fmt(m['cosine'], '.3f')}" for m in means))
+        self._save()
 
     def on_fit_end(self, trainer, summary):
         if self.last is not None:  # step = number of updates
-            self.rows += records(self.spec, trainer.cfg.epochs, trainer.global_step, measure(trainer.rule, *self.last))
+            self.rows += records(self.spec, trainer.cfg.epochs, trainer.global_step,
+                                 measure(trainer.rule, *self.last, self.at), final=True)
+        self._save()
+
+    def _save(self):
+        if self.path is not None:
+            write_jsonl(self.path, self.rows)
 
 
 def train_and_measure(spec: str, cfg: AlignConfig, progress: bool, overwrite: bool = False):
-    """One rule through the trainer (its own run folder under ``out/runs/``) with the probe attached."""
-    probe = AlignmentProbe(spec, cfg.every)
-    summary = train(cfg.run(spec), progress=progress, callbacks=[probe], overwrite=overwrite)
+    """One rule through the trainer (its own run folder under ``out/runs/``) with the probe attached;
+    a run cut short resumes where its checkpoint is (probe rows included)."""
+    run = cfg.run(spec)
+    probe = AlignmentProbe(spec, cfg.every, cfg.at, run.out_dir())
+    summary = train(run, progress=progress, callbacks=[probe], overwrite=overwrite, resume=not overwrite)
     return probe.rows, summary["test_acc"]
 
 
-def records(spec: str, epoch: int, step: int, result) -> list[dict[str, Any]]:
+def records(spec: str, epoch: int, step: int, result, final: bool = False) -> list[dict[str, Any]]:
     angles = {k: finite(v) for k, v in result.weight_angle_deg.items()}
+    extra = {"final": True} if final else {}
     return [{"rule": spec, "epoch": epoch, "step": step, "block": i, "cosine": finite(c),
-             "weight_angle_deg": angles} for i, c in enumerate(result.block_cosine)]
+             "weight_angle_deg": angles, **extra} for i, c in enumerate(result.block_cosine)]
+
+
+def epoch_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (rule, epoch, block): the mean cosine over that epoch's measurements (the LAS paper's
+    Fig. 4 plots this: "the average alignment for the minibatches in each epoch"); the measurement
+    after the last step is not part of any epoch's mean. ``n`` counts the measurements averaged."""
+    groups: dict[tuple[str, int, int], list[float]] = {}
+    for r in rows:
+        if r.get("final"):
+            continue
+        values = groups.setdefault((r["rule"], r["epoch"], r["block"]), [])
+        if r["cosine"] is not None:
+            values.append(r["cosine"])
+    return [{"rule": rule, "epoch": epoch, "block": block, "cosine": statistics.fmean(v) if v else None, "n": len(v)}
+            for (rule, epoch, block), v in groups.items()]
 
 
 def summarize(rows: list[dict[str, Any]], test_acc: float | None) -> dict[str, Any]:
@@ -163,12 +203,14 @@ def summarize(rows: list[dict[str, Any]], test_acc: float | None) -> dict[str, A
         values = [v for v in values if v is not None]
         return statistics.fmean(values) if values else None
 
+    by_epoch = epoch_means(rows)
     return {
         "test_acc": test_acc,
         "steps": max(r["step"] for r in rows),
+        "epoch_cosine": [[m["cosine"] for m in by_epoch if m["block"] == b] for b in blocks],
         "first_cosine": [mean(r["cosine"] for r in rows if r["block"] == b and r["step"] == 0) for b in blocks],
-        "last_epoch_cosine": [mean(r["cosine"] for r in rows if r["block"] == b and r["epoch"] == last_epoch)
-                              for b in blocks],
+        "last_epoch_cosine": [mean(r["cosine"] for r in rows if r["block"] == b and r["epoch"] == last_epoch
+                                   and not r.get("final")) for b in blocks],
         "last_weight_angle_deg": rows[-1]["weight_angle_deg"],
     }
 
@@ -200,7 +242,47 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     write_text(out / "alignment.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_text(out / "alignment.csv", to_csv(rows))
+    write_text(out / "alignment-epochs.csv", epochs_csv(epoch_means(rows)))
     write_json(out / "summary.json", summary)
+
+
+def epochs_csv(means: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["rule", "epoch", "block", "cosine", "n"])
+    for m in means:
+        writer.writerow([m["rule"], m["epoch"], m["block"], "" if m["cosine"] is None else m["cosine"], m["n"]])
+    return buf.getvalue()
+
+
+def plot_epoch_means(means: list[dict[str, Any]], title: str = "", spread: dict | None = None):
+    """Per-epoch mean cosine with BP against the epoch, one panel per block, one line per rule
+    (the LAS paper's Fig. 4 form). ``spread``: ``{(rule, epoch, block): std}`` drawn as a band."""
+    Figure = figure_class("pass --no-plot for the JSONL/CSV only")
+    rules = list(dict.fromkeys(m["rule"] for m in means))
+    blocks = sorted({m["block"] for m in means})
+    fig = Figure(figsize=(4.2 * len(blocks) + 1.8, 3.2), layout="constrained")
+    axes = fig.subplots(1, len(blocks), squeeze=False, sharey=True)[0]
+    for ax, b in zip(axes, blocks):
+        for k, rule in enumerate(rules):
+            pts = sorted((m["epoch"], m["cosine"]) for m in means
+                         if m["rule"] == rule and m["block"] == b and m["cosine"] is not None)
+            if not pts:
+                continue
+            epochs, values = zip(*pts)
+            ax.plot(epochs, values, color=f"C{k % 10}", linewidth=1.4, label=rule)
+            if spread:
+                std = [spread.get((rule, e, b), 0.0) for e in epochs]
+                ax.fill_between(epochs, [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)],
+                                color=f"C{k % 10}", alpha=0.2, linewidth=0)
+        ax.set_title(f"block {b}" + (" (first hidden)" if b == 0 else ""))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean cosine with BP")
+        ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def plot_alignment(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -232,6 +314,9 @@ def plot_alignment(rows: list[dict[str, Any]]) -> dict[str, Any]:
     fig.legend([handles[s] for s in rules if s in handles], [s for s in rules if s in handles],
                loc="outside right upper", fontsize="small")
     figures = {"alignment": fig}
+    means = epoch_means(rows)
+    if len({m["epoch"] for m in means}) > 1:
+        figures["alignment-epochs"] = plot_epoch_means(means, "mean cosine with BP per epoch")
 
     pairs = sorted({(r["rule"], k) for r in rows for k in r["weight_angle_deg"]},
                    key=lambda p: (rules.index(p[0]), p[1]))

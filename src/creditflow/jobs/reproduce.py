@@ -24,11 +24,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import data
+from ..report import (
+    fmt,
+    fmt_mean_std,
+    markdown_row,
+    markdown_table,
+    mean_std,
+    plot_curves,
+    save_figure,
+)
 from ..train.checkpoint import write_json, write_text
 from ..train.config import RunConfig, validate
 from ..train.metrics import read_jsonl
 from ..train.trainer import train
-from ..report import fmt, fmt_mean_std, markdown_row, markdown_table, plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,17 @@ class Extra(BaseModel):
 ANALYSIS_KEYS = ("ratio", "inter", "intra")
 
 
+class Probe(BaseModel):
+    """Alignment with BP measured while every run trains (``creditflow align``'s probe): before every
+    ``every``-th step, at each block's ``output`` or ``pre-activation``; the report adds the per-epoch
+    mean cosine per column (table and figure)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(ge=1)
+    at: Literal["output", "pre-activation"] = "output"
+
+
 class Preset(BaseModel):
     # keys starting with "x-" are free (YAML anchors shared by cells)
     model_config = ConfigDict(extra="allow")
@@ -90,6 +109,7 @@ class Preset(BaseModel):
     columns: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: more report tables, from each run's metrics or from an analysis of the finished run
     extras: list[Extra] = Field(default_factory=list)
+    probe: Probe | None = None
 
     @model_validator(mode="after")
     def _only_anchors_extra(self):
@@ -138,7 +158,7 @@ class ReproduceOptions(BaseModel):
 
 
 #: budget keys that describe the budget rather than set a run's config
-BUDGET_META = ("seeds", "minutes", "jobs", "cells")
+BUDGET_META = ("seeds", "minutes", "jobs", "cells", "probe_every")
 
 
 def budget_names(preset: Preset) -> list[str]:
@@ -243,7 +263,10 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     started = time.perf_counter()
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
     order = [(cell_id, column, cfg) for cell_id, (_, runs) in planned.items() for column, cfg in runs]
-    for (cell_id, column, cfg), summary in run_all(order, jobs, progress):
+    probe = None
+    if preset.probe:  # a budget may measure less often than the paper (every probe costs ~3 steps)
+        probe = {**preset.probe.model_dump(), "every": preset.budgets[opts.budget].get("probe_every", preset.probe.every)}
+    for (cell_id, column, cfg), summary in run_all(order, jobs, progress, probe):
         done[cell_id, column, cfg.seed] = {**summary, **run_extras(preset, cfg, summary, opts)}
         collect(results, planned, done)
         write_json(out / "results.json", results)  # after every run: a killed preset keeps what it has
@@ -252,6 +275,9 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     for cell_id, (columns, runs) in planned.items():
         plot_curves({f"{column} s{cfg.seed}": read_jsonl(cfg.out_dir() / "metrics.jsonl") for column, cfg in runs},
                     out / cell_id / "curves.png", f"{preset.name} {cell_id} ({opts.budget})")
+        if preset.probe:
+            results["cells"][cell_id]["alignment"] = cell_alignment(out / cell_id, runs, Probe(**probe),
+                                                                    f"{preset.name} {cell_id} ({opts.budget})")
     report = to_report(preset, results, opts)
     write_text(out / "report.md", report)
     write_json(out / "results.json", results)
@@ -270,24 +296,83 @@ def collect(results: dict[str, Any], planned: dict[str, tuple[list[str], list[tu
         results["cells"][cell_id] = {"summaries": summaries}
 
 
-def run_all(order: list[tuple[str, str, RunConfig]], jobs: int, progress: bool):
+def run_one(cfg: RunConfig, column: str, probe: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+    """One run of the preset, resumed if it was cut (with the alignment probe when the preset has one)."""
+    callbacks = []
+    if probe is not None:
+        from .align import AlignmentProbe
+
+        callbacks.append(AlignmentProbe(column, probe["every"], probe["at"], cfg.out_dir()))
+    return train(cfg, resume=True, progress=progress, callbacks=callbacks)
+
+
+def run_all(order: list[tuple[str, str, RunConfig]], jobs: int, progress: bool, probe: dict[str, Any] | None = None):
     """Yield ``(run, summary)`` as each run finishes: in order in this process (``jobs`` 1), else
     ``jobs`` processes side by side with one thread each (on a small CPU two 1-thread runs beat one
     2-thread run; docs/reproduction/README.md has the measurement). Each run resumes if it was cut."""
     if jobs == 1:
         for item in order:
             log.info("%s: %s seed %d", *item[:2], item[2].seed)
-            yield item, train(item[2], resume=True, progress=progress)
+            yield item, run_one(item[2], item[1], probe, progress)
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_one_thread_worker) as pool:
-        futures = {pool.submit(train, cfg, resume=True, progress=False): (cell_id, column, cfg)
+        futures = {pool.submit(run_one, cfg, column, probe, False): (cell_id, column, cfg)
                    for cell_id, column, cfg in order}
         for future in as_completed(futures):
             item = futures[future]
             summary = future.result()
             log.info("%s: %s seed %d done, test %.4f", *item[:2], item[2].seed, summary["test_acc"])
             yield item, summary
+
+
+def cell_alignment(folder: Path, runs: list[tuple[str, RunConfig]], probe: Probe, title: str) -> list[dict[str, Any]]:
+    """Per (column, epoch, block): the mean over seeds of each run's per-epoch mean cosine, its std and
+    the number of seeds; written as ``alignment-epochs.csv`` and drawn as ``alignment.png``."""
+    from .align import epoch_means, plot_epoch_means
+
+    per_run: dict[tuple[str, int, int], list[float]] = {}
+    for column, cfg in runs:
+        for m in epoch_means(read_jsonl(cfg.out_dir() / "alignment.jsonl")):
+            if m["cosine"] is not None:
+                per_run.setdefault((column, m["epoch"], m["block"]), []).append(m["cosine"])
+    rows = []
+    for (column, epoch, block), values in per_run.items():
+        mean, std = mean_std(values)
+        rows.append({"rule": column, "epoch": epoch, "block": block, "cosine": mean, "std": std, "seeds": len(values)})
+    write_text(folder / "alignment-epochs.csv", "rule,epoch,block,cosine,std,seeds\n" + "".join(
+        f"{r['rule']},{r['epoch']},{r['block']},{r['cosine']},{r['std']},{r['seeds']}\n" for r in rows))
+    try:
+        fig = plot_epoch_means(rows, f"{title}: cosine with BP at each block's {probe.at}, per-epoch mean",
+                               {(r["rule"], r["epoch"], r["block"]): r["std"] for r in rows})
+    except ImportError:
+        return rows
+    save_figure(fig, folder / "alignment.png")
+    return rows
+
+
+def alignment_report(preset: Preset, results: dict[str, Any]) -> list[str]:
+    """Per cell: each column's per-epoch mean cosine with BP at its first and last epoch, and its peak."""
+    every = preset.budgets[results["budget"]].get("probe_every", preset.probe.every)
+    lines = [f"Alignment with BP (cosine at each block's {preset.probe.at}, measured every {every} "
+             "steps, averaged per epoch, then mean ± std over seeds): first epoch -> last epoch (peak epoch "
+             "mean). Figure: `<cell>/alignment.png`; numbers: `<cell>/alignment-epochs.csv`."]
+    for cell in preset.cells:
+        rows = results["cells"].get(cell.id, {}).get("alignment")
+        if not rows:
+            continue
+        blocks = sorted({r["block"] for r in rows})
+        lines += ["", f"`{cell.id}`:", "", *markdown_table(["column", *(f"block {b}" for b in blocks)], [])]
+        for column in dict.fromkeys(r["rule"] for r in rows):
+            row = []
+            for b in blocks:
+                mine = sorted((r for r in rows if r["rule"] == column and r["block"] == b), key=lambda r: r["epoch"])
+                first, last, peak = mine[0], mine[-1], max(mine, key=lambda r: r["cosine"])
+                row.append(f"{first['cosine']:.3f} ± {first['std']:.3f} (ep {first['epoch']}) -> "
+                           f"{last['cosine']:.3f} ± {last['std']:.3f} (ep {last['epoch']}); peak {peak['cosine']:.3f}"
+                           f" (ep {peak['epoch']})")
+            lines.append(markdown_row([column, *row]))
+    return lines
 
 
 def _one_thread_worker() -> None:
@@ -333,7 +418,7 @@ def budget_notes(preset: Preset, budget: str) -> str:
 
 
 def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -> str:
-    budget = {k: v for k, v in preset.budgets[opts.budget].items() if k not in ("minutes", "jobs", "cells")}
+    budget = {k: v for k, v in preset.budgets[opts.budget].items() if k not in ("minutes", "jobs", "cells", "probe_every")}
     lines = [
         f"# {preset.title} — `{opts.budget}` budget",
         "",
@@ -368,6 +453,8 @@ def to_report(preset: Preset, results: dict[str, Any], opts: ReproduceOptions) -
         lines.append(markdown_row([cell.id, *cells]))
     for extra in preset.extras:
         lines += ["", *extra_report(preset, extra, results)]
+    if preset.probe:
+        lines += ["", *alignment_report(preset, results)]
     if notes:
         lines += ["", "Skipped cells:", *notes]
     return "\n".join(lines) + "\n"
