@@ -20,11 +20,11 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
-from .registry import DATASETS, MODELS, RULES
 from .jobs.align import AlignConfig
 from .jobs.analyze import AnalyzeOptions
-from .train.config import CompareConfig, ConfigError, RunConfig
 from .jobs.reproduce import ReproduceOptions
+from .registry import DATASETS, MODELS, RULES
+from .train.config import CompareConfig, ConfigError, RunConfig
 
 SKIP = {"rule_options", "model_options"}
 
@@ -244,7 +244,8 @@ def compare(config_file, resume, overwrite, quiet, rule_option, model_option, **
 @schema_options(AlignConfig, exclude={"rule"})
 def align(config_file, overwrite, quiet, rule_option, model_option, **flags):
     """Train rules from one initialisation; measure each block's signal against BP's gradient (cosine)."""
-    from .jobs.align import align as run_align, to_markdown
+    from .jobs.align import align as run_align
+    from .jobs.align import to_markdown
 
     cfg, summary = run_job(AlignConfig, run_align, config_file, quiet, rule_option, model_option, flags,
                            overwrite=overwrite)  # short runs: nothing to resume
@@ -259,7 +260,8 @@ def align(config_file, overwrite, quiet, rule_option, model_option, **flags):
 @schema_options(AnalyzeOptions)
 def analyze(run_dirs, quiet, **flags):
     """Class distances and t-SNE of each layer of finished runs, and their metric families (AL paper Sec. 5.3-5.4)."""
-    from .jobs.analyze import analyze as run_analyze, runs_markdown, to_markdown
+    from .jobs.analyze import analyze as run_analyze
+    from .jobs.analyze import runs_markdown, to_markdown
 
     opts = resolve(AnalyzeOptions, None, flags)
     progress = setup_logging(quiet)
@@ -279,7 +281,8 @@ def analyze(run_dirs, quiet, **flags):
 @schema_options(ReproduceOptions)
 def reproduce(preset, list_presets, quiet, **flags):
     """Reproduce a paper table (PRESET: a name from --list, or a preset .yaml); --budget quick|cpu|full."""
-    from .jobs.reproduce import listing, reproduce as run_reproduce
+    from .jobs.reproduce import listing
+    from .jobs.reproduce import reproduce as run_reproduce
 
     if list_presets:
         click.echo(listing())
@@ -309,7 +312,12 @@ def reproduce(preset, list_presets, quiet, **flags):
 @click.option("--out", type=click.Path(dir_okay=False), help="write the rows as JSON")
 def memory(model_names, rule_names, batch_size, num_classes, device, model_option, plot, out):
     """Memory per rule: bytes saved for backward (measured) and external memory accesses (modelled)."""
-    from .diagnostics.memory_model import memory_table, plot_access, plot_access_across, to_markdown
+    from .diagnostics.memory_model import (
+        memory_table,
+        plot_access,
+        plot_access_across,
+        to_markdown,
+    )
     from .rules import parse_spec
     from .train.checkpoint import write_json
 
@@ -381,9 +389,27 @@ def models():
 
 
 @main.command()
-def datasets():
-    """List the datasets."""
+@click.option("--data-dir", help="also look here (as train --data-dir: only here, for the datasets it holds)")
+def datasets(data_dir):
+    """List the datasets, and which are present on this machine and where."""
+    from .data.sources import LOCATABLE, find_local
+
     listing(DATASETS)
+    click.echo("")
+    width = max(len(n) for n in DATASETS.entries)
+    for name in DATASETS.available():
+        if name not in LOCATABLE:  # shipped inside the package
+            click.echo(f"{name:<{width}}  present: embedded in the package")
+            continue
+        found = find_local(name, data_dir)
+        if found is None and data_dir is not None:
+            found = find_local(name)  # what a run without --data-dir would read
+        if found is not None:
+            click.echo(f"{name:<{width}}  present: {found[0]} ({found[1]})")
+        else:
+            where = LOCATABLE[name][0]
+            how = "downloaded on first use" if where.resources else "no download"
+            click.echo(f"{name:<{width}}  absent ({how}); to get it: {where.how_to}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -79,3 +79,24 @@ def test_feedback_init_flag_reaches_direct_rules(tmp_path):
     assert result.exit_code == 1 and "bad options for rule 'bp'" in result.output
     result = CliRunner().invoke(main, ["train", "--feedback-init", "ones"])
     assert result.exit_code == 2 and "'random'" in result.output and "'product'" in result.output
+
+
+def test_datasets_says_which_are_present_and_where(tmp_path, monkeypatch):
+    from creditflow.data import sources
+
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", [tmp_path / "system"])
+    monkeypatch.setenv("CREDITFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CREDITFLOW_DATA", raising=False)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):  # presence only: nothing is read
+        (tmp_path / "data" / "mnist").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "mnist" / f"{stem}.gz").write_bytes(b"")
+        (tmp_path / "system" / "fashion-mnist").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "system" / "fashion-mnist" / stem).write_bytes(b"")
+    result = CliRunner().invoke(main, ["datasets", "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()[-7:]}
+    assert f"present: {tmp_path / 'data' / 'mnist'} (data_dir)" in lines["mnist"]
+    assert f"present: {tmp_path / 'system' / 'fashion-mnist'} (system)" in lines["fashion-mnist"]
+    assert "present: embedded" in lines["fashion-mnist-mini"]
+    assert "absent (downloaded on first use); to get it:" in lines["cifar10"]

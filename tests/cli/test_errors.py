@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from creditflow.cli import main
+from creditflow.train import Callback
 
 TINY = ["--model", "mlp:784-32-10", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "32",
         "--device", "cpu", "--quiet"]
@@ -136,3 +137,29 @@ def test_divergence_under_ddp_and_pipeline_is_one_line(tmp_path, mode):
     line = fails_in_one_line("train", *mode, "--lr", "1e6", "--out", str(tmp_path / "run"), *TINY[:5], "3",
                              *TINY[6:])
     assert "epoch 1 step 2: training loss" in line and "no checkpoint was written" in line
+
+
+class LastStep(Callback):
+    """Writes the last step each process started (a module-level class: spawned stages import it)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_step_start(self, trainer, step):
+        (self.folder / f"last-step-{os.getpid()}").write_text(str(step))
+
+
+def test_a_pipeline_stage_stops_the_run_at_its_divergence_check_not_at_epoch_end(tmp_path):
+    """A stage checks its own part of the loss every DIVERGENCE_CHECK_EVERY steps: a run diverging at
+    step 2 of a 400-step epoch stops by step 50 or so, not at the epoch's end, with the one line."""
+    from creditflow.train import Diverged, RunConfig, train
+    from creditflow.train.trainer import DIVERGENCE_CHECK_EVERY
+
+    cfg = RunConfig(parallel="pipeline", rule="dfa", lr=1e6, model="mlp:784-32-10", epochs=1, max_steps_per_epoch=400,
+                    batch_size=32, device="cpu", out=str(tmp_path / "run"))
+    with pytest.raises(Exception) as failure:
+        train(cfg, progress=False, callbacks=[LastStep(tmp_path)])
+    error = getattr(failure.value, "error", failure.value)  # the stage's own, inside WorkerFailed
+    assert isinstance(error, Diverged) and str(error).startswith("epoch 1 step 2: training loss")
+    last = [int(p.read_text()) for p in tmp_path.glob("last-step-*")]
+    assert len(last) == 2 and max(last) < 2 * DIVERGENCE_CHECK_EVERY  # the next stage may run ahead a little

@@ -33,7 +33,7 @@ from .cache import cached
 from .errors import DatasetError
 from .folders import class_files, decode_images
 from .imageset import ImageSet
-from .sources import Resource, Where, locate
+from .sources import Resource, Where, locatable, locate
 from .splits import Official
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -221,3 +221,7 @@ def cifar100(data_dir=None, download=True) -> Official:
     test = read_batches(tree, ("test",), "fine_labels", 100)
     return Official(train, test, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
                     CIFAR100_CLASSES, str(source))  # fmt: skip
+
+
+locatable(CIFAR10, probe_cifar10)
+locatable(CIFAR100, probe_cifar100)

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..registry import register_dataset
 from .idx import read_pair
 from .imageset import ImageSet
-from .sources import Resource, Where, locate
+from .sources import Resource, Where, locatable, locate
 from .splits import Official
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -91,3 +91,7 @@ def mnist(data_dir=None, download=True) -> Official:
                   paper="Xiao et al. 2017")  # fmt: skip
 def fashion_mnist(data_dir=None, download=True) -> Official:
     return load_idx_dataset(FASHION_MNIST, data_dir, download, (0.2860,), (0.3530,), FASHION_CLASSES)
+
+
+locatable(MNIST, probe)
+locatable(FASHION_MNIST, probe)

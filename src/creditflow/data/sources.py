@@ -99,6 +99,25 @@ def candidates(name: str, data_dir: str | os.PathLike | None) -> list[tuple[Path
     return places
 
 
+#: ``{name: (where, probe)}`` of every dataset found on disk, registered by its loader module
+#: (:func:`locatable`), so :func:`find_local` can say what is present without reading it.
+LOCATABLE: dict[str, tuple[Where, Callable[[Path], object | None]]] = {}
+
+
+def locatable(where: Where, probe: Callable[[Path], object | None]) -> None:
+    LOCATABLE[where.name] = (where, probe)
+
+
+def find_local(name: str, data_dir: str | os.PathLike | None = None) -> tuple[Path, str] | None:
+    """The folder a load would read ``name`` from, and why it is looked at, without reading or
+    downloading anything; None when no searched folder holds a complete copy."""
+    where, probe = LOCATABLE[name]
+    for folder, why in candidates(where.name, data_dir):
+        if folder.is_dir() and probe(folder) is not None:
+            return folder, why
+    return None
+
+
 def locate(
     where: Where,
     probe: Callable[[Path], T | None],

@@ -18,7 +18,7 @@ import numpy as np
 from ..registry import register_dataset
 from .errors import DatasetError
 from .imageset import ImageSet
-from .sources import Resource, Where, locate, note
+from .sources import Resource, Where, locatable, locate, note
 from .splits import Official
 
 _URL = "http://ufldl.stanford.edu/housenumbers/"
@@ -76,3 +76,6 @@ def svhn(data_dir=None, download=True) -> Official:
         classes=tuple(str(d) for d in range(10)),
         origin=str(folder),
     )
+
+
+locatable(SVHN, probe)

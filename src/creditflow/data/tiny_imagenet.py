@@ -26,7 +26,7 @@ from .cache import cached
 from .errors import DatasetError
 from .folders import decode_images, is_image, natural_key
 from .imageset import ImageSet
-from .sources import Resource, Where, locate
+from .sources import Resource, Where, locatable, locate
 from .splits import Official
 
 _URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -120,3 +120,6 @@ def tiny_imagenet(data_dir=None, download=True) -> Official:
         classes=wnids,
         origin=str(source),
     )
+
+
+locatable(TINY_IMAGENET, probe)

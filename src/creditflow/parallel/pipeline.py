@@ -49,11 +49,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..train.trainer import EXPECTED_ERRORS, DataInfo, EpochTotals, Strategy, Trainer, register_strategy
+from ..rules.base import OutputError
+from ..train.trainer import (
+    DIVERGENCE_CHECK_EVERY,
+    EXPECTED_ERRORS,
+    DataInfo,
+    EpochTotals,
+    Strategy,
+    Trainer,
+    register_strategy,
+)
 from .launch import launch, resolve_device, warn_if_oversubscribed, worker_device
 from .messages import broadcast, gather, pack, unpack
-from ..rules.base import OutputError
-from .stages import BALANCES, Plan, Stage, check_pipelinable, make_plan, pipelinable_rules
+from .stages import (
+    BALANCES,
+    Plan,
+    Stage,
+    check_pipelinable,
+    make_plan,
+    pipelinable_rules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +206,11 @@ class Runner:
 
     def __init__(self, stage: Stage, links: Links, schedule: str, optimizer: torch.optim.Optimizer,
                  step_hook: Callable[[int, int], None] | None = None, profile: bool = False,
-                 record_losses: bool = False, watch=None):
+                 record_losses: bool = False, watch=None, check: Callable[[], None] | None = None):
         self.stage, self.links, self.opt = stage, links, optimizer
+        # every DIVERGENCE_CHECK_EVERY steps: raises if this stage's part of the loss diverged; the
+        # launcher then stops every stage and the run ends with this stage's one line
+        self.check = check
         self.schedule, self.lag = schedule, lag(stage, schedule)
         self.hook, self.profile, self.record_losses = step_hook, profile, record_losses
         self.watch = watch  # the trainer's DivergenceWatch: this stage's part of each step's loss
@@ -276,6 +294,8 @@ class Runner:
             seen += len(y)
             self.global_step += 1
             busy += self._now() - t1 - (wait - waited_before)  # waits for errors/decodes are not work
+            if self.check is not None and self.global_step % DIVERGENCE_CHECK_EVERY == 0:
+                self.check()
         while queue:  # flush: the last d batches' updates
             t1 = self._now()
             w = self._update_oldest(queue, metric_sums)
@@ -509,10 +529,12 @@ class PipelineStrategy(Strategy):
         return self.is_main
 
     def run_epoch(self, trainer, batches, steps, epoch):
-        # divergence is seen per stage (its part of the loss) and reported at epoch end, with its step: a
-        # stage stopping alone mid-epoch would leave its neighbours waiting on the data channels
+        # divergence is seen per stage (its part of the loss): a stage checks its own every
+        # DIVERGENCE_CHECK_EVERY steps and raises, which stops every stage (the launcher); the rest of
+        # the epoch is gathered and checked at its end, with the first bad step over all stages
         runner = Runner(self.stage, self.links, self.cfg.pipeline_schedule, trainer.optimizer,
-                        lambda stage, step: trainer.step_started(step), watch=trainer.watch)
+                        lambda stage, step: trainer.step_started(step), watch=trainer.watch,
+                        check=trainer.check_divergence)
         runner.global_step = trainer.global_step
         stats = runner.run_epoch(steps, batches)
         trainer.global_step = runner.global_step - steps
