@@ -387,3 +387,20 @@ def test_asfp_lc_with_period_1_and_symmetric_feedback_is_local_learning(make):
     fresh = cf.rules.build("asfp-lc", make(), num_classes=3)
     assert not any(torch.equal(A.weight, Bc.weight) for A, Bc in zip(fresh.classifiers, fresh.classifier_feedback))
     assert not any(id(Bc.weight) in {id(p) for p in fresh.parameters()} for Bc in fresh.classifier_feedback)
+
+
+def test_asfp_lc_group_classifiers_sit_at_the_end_of_each_sharing_group():
+    """Sec. 5.2.4: "a local classifier at the end of the ASFP block" (a sharing group). On resnet18's
+    plan a group ends in every residual block at k = 2 and in every other one at k = 4."""
+    from creditflow.rules.activation_sharing import group_end_blocks
+
+    model = cf.models.build("resnet18", width=4, input_shape=(3, 8, 8), num_classes=10)
+    assert group_end_blocks(model, 10, "cross-entropy", {"k": 2, "input_shape": (3, 8, 8)}) == [str(i) for i in range(1, 9)]
+    assert group_end_blocks(model, 10, "cross-entropy", {"k": 4, "input_shape": (3, 8, 8)}) == ["1", "3", "5", "7", "8"]
+    rule = cf.rules.build("asfp-lc", model, num_classes=10, k=4, classifiers="group", input_shape=(3, 8, 8))
+    assert len(rule.classifiers) == 5 and rule.num_units() == 6
+    per_block = cf.rules.build("asfp-lc", cf.models.build("resnet18", width=4, input_shape=(3, 8, 8), num_classes=10),
+                               num_classes=10, k=4, input_shape=(3, 8, 8))
+    assert len(per_block.classifiers) == 9  # the default: one per hidden block (stem included)
+    with pytest.raises(ValueError, match="unknown classifiers 'layer'; available: group"):
+        cf.rules.build("asfp-lc", model, num_classes=10, classifiers="layer")

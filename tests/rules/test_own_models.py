@@ -8,6 +8,7 @@ MLP, residual adds, token tensors (N, T, D) at the block boundaries).
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -132,10 +133,12 @@ def test_blocks_given_as_child_names_equal_the_sequential_default(rule_name):
     names = [n for n, _ in base.named_children()][:-1]
     x, y = batch()
     results = []
+    # a rule that places its own cuts by default (asfp-lc: one classifier per sharing group) per block here
+    per_block = {"classifiers": "block"} if "classifiers" in inspect.signature(RULES.get(rule_name).builder).parameters else {}
     for blocks in (None, names):
         model = copy.deepcopy(base)
         torch.manual_seed(1)  # the rule's own random tensors (B, local modules) alike
-        rule = cf.rules.build(rule_name, model, num_classes=C, blocks=blocks)
+        rule = cf.rules.build(rule_name, model, num_classes=C, blocks=blocks, **per_block)
         out = rule.step(x, y)
         results.append((out.logits, out.loss, grads(rule)))
     (la, lsa, ga), (lb, lsb, gb) = results
@@ -359,3 +362,24 @@ def test_asap_needs_layers_that_run_once_per_forward():
     rule = cf.rules.build("asap", Twice(), num_classes=C, k=1, reading="group-input", input_shape=(4,))
     rule.step(torch.randn(3, 4), torch.randint(0, C, (3,)))
     assert all(p.grad is not None for p in rule.trainable_parameters())
+
+
+def test_child_names_of_a_sequential_group_children_into_spans_that_pipeline():
+    """blocks=[child names] on an nn.Sequential: the children up to each name form one cut unit; the
+    step equals the same rule on the model regrouped by hand, and the rule still pipelines."""
+    torch.manual_seed(0)
+    flat = cf.models.build("mlp:12-10-9-8-7-5").double()
+    grouped = copy.deepcopy(flat)
+    regrouped = nn.Sequential(nn.Sequential(grouped[0], grouped[1]), nn.Sequential(grouped[2], grouped[3]), grouped[4])
+    x, y = torch.randn(6, 12, dtype=torch.float64), torch.randint(0, 5, (6,))
+    results = []
+    for model, blocks in ((flat, ["1", "3"]), (regrouped, None)):
+        torch.manual_seed(1)
+        rule = cf.rules.build("dfa", model, num_classes=5, blocks=blocks)
+        rule.step(x, y)
+        results.append([p.grad for p in model.parameters()])
+        assert rule.num_units() == 3 and rule.pipeline_refusal() is None
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="blocks must name children in forward order, the head after the last"):
+        cf.rules.build("dfa", copy.deepcopy(flat), num_classes=5, blocks=["3", "1"])

@@ -221,6 +221,24 @@ class SharedActivations:
         return cuts
 
 
+def group_end_blocks(model: nn.Sequential, num_classes: int, loss: str, options: dict) -> list[str] | None:
+    """The names of ``model``'s hidden children that hold the last layer of a sharing group (the
+    groups ``asfp`` forms with these options, on a copy), in order; None if that is every one."""
+    import copy
+
+    sharing = {k: v for k, v in options.items() if k in ("k", "match", "reading", "train_first", "input_shape")}
+    twin = ASFP(copy.deepcopy(model), num_classes, loss, **sharing)
+    children = list(twin.model.named_children())
+    child_of = {id(m): i for i, (_, child) in enumerate(children) for m in child.modules()}
+    last: dict[int, int] = {}
+    for layer, group in zip(twin._sharing, twin._group):
+        last[group] = max(last.get(group, -1), child_of[id(layer)])
+    ends = sorted(set(last.values()) - {len(children) - 1})
+    if ends == list(range(len(children) - 1)) or not ends:
+        return None
+    return [children[i][0] for i in ends]
+
+
 def format_plan(rows: list[PlanRow]) -> str:
     """The plan as a markdown table."""
     from ..report import markdown_table
@@ -438,11 +456,29 @@ class ASFPLC(SharedActivations, _LocalFA):
        layer's own input, ``grad B`` from the shared activation ``h~_m``; KP decay on both.
     4. The head learns from the global loss, as BP.
 
-    Choices: the thesis says only "at the end of the ASFP block"; we put one classifier after every
-    hidden block of the model (a ResNet's residual block, an AlexNet conv/FC block), and the
-    sharing groups of ``k`` layers run over the model's layers as in ``asfp`` (a group may span
-    a cut; ``h~_m`` then feeds only weight gradients, never carries an error across it).
+    Where the classifiers sit (``classifiers``): the thesis places one "at the end of the ASFP
+    block" (Sec. 5.2.4), its name for a sharing group (Algorithm 1's block m of K layers).
+    ``"group"``: a classifier follows the model block that holds each group's last layer, and the
+    blocks between two classifiers form one cut unit (``blocks`` naming those children). On the
+    thesis's ResNet plan at k = 2 that is every residual block (group {conv2 of block j-1, conv1 of
+    block j} ends in block j), at k = 4 every other block; the frozen stem joins the first unit.
+    ``"block"`` (default) puts one after every hidden block of the model: at k = 2 on a ResNet the
+    same places plus one after the frozen stem. It is the default because it pipelines: under the
+    thesis's reading group m+1 reads an activation of group m, so with one unit per group every
+    unit shares an activation with the next and no stage boundary is allowed (docs/rules.md has
+    both measured). A group may span a cut (eq. 5.3's groups straddle residual blocks); ``h~_m``
+    then feeds only weight gradients and never carries an error across it. ``blocks=[child
+    names]`` places the classifiers by hand.
     """
 
     shared_feeds_B_only = True
     base_takes_input_shape = True
+
+    def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", *,
+                 classifiers: str = "block", blocks=None, **options):
+        if classifiers not in ("group", "block"):
+            raise ValueError(f"unknown classifiers {classifiers!r}; available: group (one per sharing group, "
+                             "the thesis), block (one per hidden block)")
+        if blocks is None and classifiers == "group" and isinstance(model, nn.Sequential):
+            blocks = group_end_blocks(model, num_classes, loss, options)
+        super().__init__(model, num_classes, loss, blocks=blocks, **options)

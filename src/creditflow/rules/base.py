@@ -289,6 +289,26 @@ class UnitRule(Rule):
         return StepResult(loss, logits)
 
 
+def child_spans(model: nn.Module, names: Sequence[str] | str) -> list[nn.Module] | None:
+    """``model``'s children grouped into spans ending at the named children (the rest, head last, one
+    span), each span an ``nn.Sequential`` of the model's own modules (or the child itself); None when
+    ``model`` is not an ``nn.Sequential`` or a name is not one of its children."""
+    names = [names] if isinstance(names, str) else list(names)
+    children = list(model.named_children()) if isinstance(model, nn.Sequential) else []
+    index = {n: i for i, (n, _) in enumerate(children)}
+    if not names or not all(isinstance(n, str) and n in index for n in names):
+        return None
+    ends = [index[n] for n in names]
+    if ends != sorted(set(ends)) or ends[-1] == len(children) - 1:
+        raise ValueError(f"blocks must name children in forward order, the head after the last, got {names}; "
+                         f"children: {', '.join(n for n, _ in children)}")
+    modules = [m for _, m in children]
+    starts = [0] + [e + 1 for e in ends]
+    stops = [e + 1 for e in ends] + [len(modules)]
+    spans = [modules[a:b] for a, b in zip(starts, stops)]
+    return [span[0] if len(span) == 1 else nn.Sequential(*span) for span in spans]
+
+
 class DirectRule(UnitRule):
     """Direct credit paths: blocks are cut apart and each hidden block gets a signal at its output.
 
@@ -297,10 +317,12 @@ class DirectRule(UnitRule):
     back-propagates it inside itself only. Subclasses say only how signals are made.
 
     Units: each hidden block, then the top. Blocks: an ``nn.Sequential``'s children (the last one
-    the head), or, for any model, ``blocks=["stem", "layer1", ...]``: the names of the modules
-    whose *outputs* end a block. The model's own forward then runs unchanged, cut by forward hooks
-    at those outputs (:class:`~creditflow.mechanisms.BoundaryCut`); the head is everything after
-    the last name (such a rule runs in one process only: its forward cannot be split).
+    the head), or ``blocks=["stem", "layer1", ...]``: the names of the modules whose *outputs* end a
+    block, the head everything after the last name. Names of an ``nn.Sequential``'s own children
+    group them into spans (a span is cut at its input and gets one signal at its output; it runs
+    and pipelines like a child). Names of deeper modules, in any model, cut the model's own forward
+    by forward hooks at those outputs (:class:`~creditflow.mechanisms.BoundaryCut`); such a rule runs
+    in one process only (its forward cannot be split).
     """
 
     top_blocks = 1
@@ -314,14 +336,15 @@ class DirectRule(UnitRule):
                  input_shape: tuple[int, ...] | None = None, blocks: Sequence[str] | None = None):
         super().__init__(model, num_classes, loss)
         self._cut: BoundaryCut | None = None
-        if blocks is not None:
+        spans = child_spans(model, blocks) if blocks is not None else None
+        if blocks is not None and spans is None:
             self._init_named_blocks(model, blocks, input_shape)
             return
         if not isinstance(model, nn.Sequential):
             children = ", ".join(n for n, _ in model.named_children()) or "none"
             raise ValueError(f"{type(self).__name__} cuts a {type(model).__name__} (not an nn.Sequential) only at "
                              f"named modules: pass blocks=[names whose outputs end a block]; children: {children}")
-        blocks = list(model.children())
+        blocks = spans or list(model.children())
         if len(blocks) < 2:
             raise ValueError(f"{type(self).__name__} needs a model of at least 2 blocks (hidden + head), "
                              f"got {len(blocks)}; wrap layers in an nn.Sequential of blocks")
