@@ -18,7 +18,7 @@ def test_listings_name_every_registered_entry():
                            ("datasets", cf.data.available())):
         result = run(command)
         assert result.exit_code == 0
-        lines = result.output.strip().splitlines()
+        lines = result.output.strip().split("\n\n")[0].splitlines()  # datasets: presence follows
         assert [line.split()[0] for line in lines] == names
 
 
