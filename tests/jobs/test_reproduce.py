@@ -100,6 +100,9 @@ def test_asap_presets_carry_table_5_1_learning_rates_and_columns():
     _, runs = cell_runs(sweep, next(c for c in sweep.cells if c.id == "wd-5e-3"), ReproduceOptions(budget="quick"))
     assert {c.weight_decay for _, c in runs} == {0.005}
     assert load_preset("asap-dim-match").cells[0].paper["match-3"] is None
+    for name in ("asap-table-5.2", "asap-dim-match"):  # the authors' AlexNet: BatchNorm after every layer
+        alexnets = [c for c in load_preset(name).cells if c.model == "alexnet-asap"]
+        assert alexnets and all(c.model_options == {"batch_norm": True} for c in alexnets)
 
 
 def test_cpu_budget_runs_side_by_side_and_equals_one_at_a_time(tmp_path, monkeypatch):
