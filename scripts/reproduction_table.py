@@ -1,0 +1,62 @@
+"""The leading table of docs/reproduction/README.md, from the committed reports' results.json.
+
+Every cell of every ``docs/reproduction/<preset>-<budget>/`` folder whose budget is given (default
+``cpu``): our test accuracy (mean ± std over seeds, at the best validation epoch) beside the
+paper's number, the difference in points, and the command that made it. Numbers are read, never
+typed: run this after committing a report and paste its output (or ``--write`` it in place
+between the README's ``<!-- table -->`` markers).
+
+    python scripts/reproduction_table.py [--budget cpu] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from creditflow.jobs.reproduce import load_preset
+from creditflow.report import fmt, fmt_mean_std, markdown_row, markdown_table
+
+ROOT = Path(__file__).resolve().parents[1] / "docs" / "reproduction"
+MARKERS = ("<!-- table -->", "<!-- /table -->")
+
+
+def rows(budget: str) -> list[str]:
+    lines = markdown_table(["preset", "cell", "column", "ours", "paper", "ours - paper (points)", "command"], [])
+    for folder in sorted(ROOT.glob(f"*-{budget}")):
+        results = json.loads((folder / "results.json").read_text())
+        preset = load_preset(results["preset"])
+        command = f"`creditflow reproduce {preset.name} --budget {budget} --data-dir DIR`"
+        for cell in preset.cells:
+            entry = results["cells"].get(cell.id, {})
+            for column, runs in entry.get("summaries", {}).items():
+                accs = [r["test_acc"] for r in runs if r.get("test_acc") is not None]
+                if not accs:
+                    continue
+                paper = cell.paper.get(column)
+                gap = "–" if paper is None else f"{100 * (statistics.fmean(accs) - paper):+.2f}"
+                ours = fmt_mean_std(accs) + f" ({len(accs)} seed{'s' if len(accs) > 1 else ''})"
+                lines.append(markdown_row([f"[{preset.name}]({folder.name}/report.md)", cell.id, column, ours,
+                                           fmt(paper, ".4f"), gap, command]))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="cpu")
+    parser.add_argument("--write", action="store_true", help="replace the table in docs/reproduction/README.md")
+    args = parser.parse_args()
+    table = "\n".join(rows(args.budget))
+    if not args.write:
+        print(table)
+        return
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    readme.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+
+
+if __name__ == "__main__":
+    main()
