@@ -110,3 +110,21 @@ def test_compare_resume_reads_finished_runs_back_without_training(tmp_path, monk
     assert compare(cfg, resume=True, progress=False) == first and trained == []
     line = one_line(cli("compare", "--out", str(tmp_path), "--rules", "bp", "--seeds", "1", *TINY))
     assert "holds another run: its config differs in" in line and "rules ['bp', 'dfa'] -> ['bp']" in line
+
+
+def test_a_run_made_before_an_option_existed_resumes_when_the_option_is_at_its_default(tmp_path):
+    """A key the saved config lacks (an option added since) is no difference while the run asks for
+    its default; any other value is named as one."""
+    import yaml
+
+    out = tmp_path / "run"
+    assert cli("train", "--out", str(out), *TINY).exit_code == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["test_every"]  # as written by a version without the option
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["config"]["test_every"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    line = one_line(cli("train", "--out", str(out), *TINY, "--resume", "--test-every", "best"))
+    assert "differs in test_every None -> 'best'" in line
+    assert cli("train", "--out", str(out), *TINY, "--resume").exit_code == 0

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticUndefined
 
 from ..registry import DATASETS, MODELS, RULES
 
@@ -180,3 +181,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def dump_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def schema_defaults(schema: type[BaseModel]) -> dict[str, Any]:
+    """``{field: default}`` of a schema, in its JSON form (what a saved config.yaml would hold)."""
+    out = {}
+    for name, field in schema.model_fields.items():
+        if field.default_factory is not None:
+            out[name] = field.default_factory()
+        elif field.default is not PydanticUndefined:
+            out[name] = field.default
+    return out

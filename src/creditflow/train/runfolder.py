@@ -41,15 +41,26 @@ class RunFolderError(ValueError):
     """A run folder that cannot be used: a file, busy, or holding another run."""
 
 
-def config_diff(saved: dict[str, Any], now: dict[str, Any], ignore=frozenset()) -> list[str]:
-    """``["lr 0.001 -> 0.5", ...]``: every key (but ``ignore``) in which two configs differ."""
-    keys = sorted(k for k in saved.keys() | now.keys() if k not in ignore and saved.get(k) != now.get(k))
+def config_diff(saved: dict[str, Any], now: dict[str, Any], ignore=frozenset(), defaults=None) -> list[str]:
+    """``["lr 0.001 -> 0.5", ...]``: every key (but ``ignore``) in which two configs differ.
+
+    ``defaults`` (the schema's ``{key: default}``): a key the saved config lacks and ``now`` holds at
+    its default is an option added since that run was made, which then ran as the default does.
+    """
+    defaults = defaults or {}
+
+    def same(k):
+        if k not in saved and k in defaults and now.get(k) == defaults[k]:
+            return True
+        return saved.get(k) == now.get(k)
+
+    keys = sorted(k for k in saved.keys() | now.keys() if k not in ignore and not same(k))
     return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
 
 
 @contextlib.contextmanager
 def claim(folder: str | Path, config: dict[str, Any], *, resume: bool = False, overwrite: bool = False,
-          extend: bool = False, ignore=frozenset()) -> Iterator[Path]:
+          extend: bool = False, ignore=frozenset(), defaults=None) -> Iterator[Path]:
     """Hold ``folder`` for one run of ``config`` (the JSON dump of its schema) for the ``with`` block."""
     folder = Path(folder)
     created = not folder.exists()
@@ -62,7 +73,7 @@ def claim(folder: str | Path, config: dict[str, Any], *, resume: bool = False, o
             for name in RUN_FILES:
                 (folder / name).unlink(missing_ok=True)
         else:
-            _check_config(folder, config, resume, extend, ignore)
+            _check_config(folder, config, resume, extend, ignore, defaults)
         yield folder
     except BaseException:
         if created and {p.name for p in folder.iterdir()} <= NOTHING_OF_VALUE:
@@ -98,7 +109,7 @@ def _lock(folder: Path) -> int:
     return fd
 
 
-def _check_config(folder: Path, config: dict[str, Any], resume: bool, extend: bool, ignore) -> None:
+def _check_config(folder: Path, config: dict[str, Any], resume: bool, extend: bool, ignore, defaults=None) -> None:
     path = folder / "config.yaml"
     if not path.is_file():
         return
@@ -112,7 +123,7 @@ def _check_config(folder: Path, config: dict[str, Any], resume: bool, extend: bo
             raise RunFolderError(f"--extend needs more epochs than the run in {folder} has ({saved.get('epochs')}), "
                                  f"got {config.get('epochs')}")
         ignore = ignore | {"epochs"}
-    diff = config_diff(saved, config, ignore)
+    diff = config_diff(saved, config, ignore, defaults)
     if not diff:
         return
     longer = " or --extend to train it longer" if [d.split()[0] for d in diff] == ["epochs"] else ""
