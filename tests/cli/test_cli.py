@@ -66,7 +66,7 @@ def test_reproduce_command_rejects_unknown_presets_and_budgets():
     result = CliRunner().invoke(main, ["reproduce", "las-fc", "--budget", "huge"])
     assert result.exit_code == 1 and "no budget 'huge'; its budgets: full, quick, cpu" in result.output
     listed = CliRunner().invoke(main, ["reproduce", "--list"])
-    assert listed.exit_code == 0 and "| las-fc |" in listed.output and "cpu (3 seeds, ~50 min)" in listed.output
+    assert listed.exit_code == 0 and "| las-fc |" in listed.output and "cpu (3 seeds, ~47 min)" in listed.output
 
 
 def test_feedback_init_flag_reaches_direct_rules(tmp_path):
