@@ -144,7 +144,7 @@ def test_matched_mlp_has_the_al_inference_path_s_parameters():
 
 
 def test_layers_line_up_by_feature_size():
-    from creditflow.jobs.reproduce import align_layers
+    from creditflow.jobs.preset_report import align_layers
 
     al = [{"dim": d} for d in (3072, 32768, 4096, 1280, 256, 256, 10)]  # input, s1, s2, b2.1, b2, h2, h1
     bp = [{"dim": d} for d in (3072, 32768, 4096, 256, 256, 10)]  # the BP twin's bridge is one block

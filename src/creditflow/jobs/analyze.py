@@ -30,12 +30,26 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from .. import data
-from ..diagnostics.representations import balanced_subset, class_statistics, plot_tsne, require_sklearn, tsne_embedding
+from ..diagnostics.representations import (
+    balanced_subset,
+    class_statistics,
+    plot_tsne,
+    require_sklearn,
+    tsne_embedding,
+)
+from ..report import (
+    csv_text,
+    figure_class,
+    finite,
+    fmt,
+    markdown_row,
+    markdown_table,
+    save_figure,
+)
 from ..train.checkpoint import load_checkpoint, write_json, write_text
 from ..train.config import ConfigError, RunConfig, validate
 from ..train.metrics import read_jsonl
 from ..train.trainer import build_run, resolve_device
-from ..report import csv_text, figure_class, finite, fmt, markdown_row, markdown_table, save_figure
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from ..report import csv_text, fmt, markdown_table, mean_std, plot_curves
 from ..train.checkpoint import write_json, write_text
 from ..train.config import PLACEMENT_KEYS, CompareConfig, dump_yaml, schema_defaults
+from ..train.metrics import read_jsonl
 from ..train.runfolder import claim
 from ..train.trainer import train
-from ..report import csv_text, fmt, markdown_table, mean_std, plot_curves
-from ..train.metrics import read_jsonl
 
 
 def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True,
