@@ -112,7 +112,9 @@ def assert_step_is_mlp_fa(rule, model, x, y, weights, biases, feedback):
 def tiny_associated(kind="mlp", seed=0, batch_norm=False):
     """Associated-learning twins of :func:`tiny_mlp` (``kind="mlp"``) and :func:`tiny_cnn` (``"cnn"``):
     two components (ELU encoders, 4-unit label side, 6-unit bridges), float64, 3 classes."""
-    from creditflow.models.associated import fold  # a model builder, not a rule mechanism
+    from creditflow.models.associated import (
+        fold,  # a model builder, not a rule mechanism
+    )
 
     torch.manual_seed(seed)
     if kind == "mlp":

@@ -1,7 +1,12 @@
 """creditflow: train neural networks with credit-assignment rules beyond backpropagation."""
 
-from . import data, diagnostics, models, rules  # noqa: F401
-from . import parallel  # noqa: F401  (registers the ddp and pipeline strategies of the trainer)
+from . import (  # noqa: F401
+    data,
+    diagnostics,
+    models,
+    parallel,  # noqa: F401  (registers the ddp and pipeline strategies of the trainer)
+    rules,
+)
 
 __version__ = "0.1.0"
 

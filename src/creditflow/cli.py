@@ -248,7 +248,7 @@ def align(config_file, overwrite, quiet, rule_option, model_option, **flags):
     from .jobs.align import to_markdown
 
     cfg, summary = run_job(AlignConfig, run_align, config_file, quiet, rule_option, model_option, flags,
-                           overwrite=overwrite)  # short runs: nothing to resume
+                           overwrite=overwrite)  # the same command again resumes each rule's run
     click.echo(to_markdown(summary))
     plots = ", alignment.png, alignment.svg" if cfg.plot else ""
     click.echo(f"results in {cfg.out_dir()}/alignment.jsonl, alignment.csv, summary.json{plots}")
@@ -402,10 +402,12 @@ def datasets(data_dir):
             click.echo(f"{name:<{width}}  present: embedded in the package")
             continue
         found = find_local(name, data_dir)
-        if found is None and data_dir is not None:
-            found = find_local(name)  # what a run without --data-dir would read
+        elsewhere = find_local(name) if found is None and data_dir is not None else None
         if found is not None:
             click.echo(f"{name:<{width}}  present: {found[0]} ({found[1]})")
+        elif elsewhere is not None:  # --data-dir is strict: a run given it would not read this copy
+            click.echo(f"{name:<{width}}  not in --data-dir; present at {elsewhere[0]} ({elsewhere[1]}), which runs "
+                       "read when --data-dir is left out")
         else:
             where = LOCATABLE[name][0]
             how = "downloaded on first use" if where.resources else "no download"

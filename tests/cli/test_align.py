@@ -104,8 +104,9 @@ def test_sharing_prints_the_plan_and_refuses_other_rules():
 
 
 def test_a_killed_probe_resumes_with_every_measurement_once(tmp_path):
-    """The probe's rows live in the run folder: a kill mid-epoch 2 and a resume give the rows (and
-    per-epoch means) of an uninterrupted run, the final measurement flagged and kept out of the means."""
+    """The probe's rows live in the run folder: a kill mid-epoch 2, or after epoch 2's rows are written
+    but before its checkpoint, then a resume, give the rows of an uninterrupted run; the final
+    measurement is flagged and kept out of the per-epoch means."""
     from creditflow.jobs.align import AlignmentProbe, epoch_means
     from creditflow.train import Callback, RunConfig, train
 
@@ -113,27 +114,43 @@ def test_a_killed_probe_resumes_with_every_measurement_once(tmp_path):
         return RunConfig(rule="dfa", model="mlp:784-16-16-10", epochs=3, max_steps_per_epoch=4, batch_size=16,
                          eval_batch_size=500, device="cpu", out=str(folder))
 
-    train(cfg(tmp_path / "straight"), progress=False,
-          callbacks=[AlignmentProbe("dfa", 3, "pre-activation", tmp_path / "straight")])
+    def probe(folder):
+        return AlignmentProbe("dfa", 3, "pre-activation", folder)
+
+    train(cfg(tmp_path / "straight"), progress=False, callbacks=[probe(tmp_path / "straight")])
 
     class DiesInEpoch2(Callback):
         def on_step_start(self, trainer, step):
             if step == 6:
                 raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg(tmp_path / "killed"), progress=False,
-              callbacks=[AlignmentProbe("dfa", 3, "pre-activation", tmp_path / "killed"), DiesInEpoch2()])
-    probe = AlignmentProbe("dfa", 3, "pre-activation", tmp_path / "killed")
-    train(cfg(tmp_path / "killed"), resume=True, progress=False, callbacks=[probe])
+    class DiesBeforeCheckpoint2(Callback):  # after the probe has written epoch 2's rows
+        def on_epoch_end(self, trainer, row):
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
 
     def rows(folder):
         return [json.loads(line) for line in (folder / "alignment.jsonl").read_text().splitlines()]
 
-    straight, killed = rows(tmp_path / "straight"), rows(tmp_path / "killed")
-    assert killed == straight == probe.rows
+    straight = rows(tmp_path / "straight")
+    for killer in (DiesInEpoch2(), DiesBeforeCheckpoint2()):
+        folder = tmp_path / type(killer).__name__
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg(folder), progress=False, callbacks=[probe(folder), killer])
+        resumed = probe(folder)
+        train(cfg(folder), resume=True, progress=False, callbacks=[resumed])
+        assert rows(folder) == straight == resumed.rows
+    assert max(r["epoch"] for r in rows(tmp_path / "straight")) == 3
     assert sorted({r["step"] for r in straight}) == [0, 3, 6, 9, 12]  # 12: after the last step
     assert [r["step"] for r in straight if r.get("final")] == [12, 12]
     means = epoch_means(straight)
     assert sorted((m["epoch"], m["block"], m["n"]) for m in means) == [
         (1, 0, 2), (1, 1, 2), (2, 0, 1), (2, 1, 1), (3, 0, 1), (3, 1, 1)]  # steps 0,3 | 6 | 9
+
+    # a resume with other probe settings, or of a run trained without the probe, is refused
+    with pytest.raises(ValueError, match="measured with every=3, at=pre-activation, not every=5"):
+        train(cfg(tmp_path / "straight"), resume=True, progress=False,
+              callbacks=[AlignmentProbe("dfa", 5, "pre-activation", tmp_path / "straight")])
+    train(cfg(tmp_path / "plain"), progress=False)
+    with pytest.raises(ValueError, match="trained without the alignment probe"):
+        train(cfg(tmp_path / "plain"), resume=True, progress=False, callbacks=[probe(tmp_path / "plain")])

@@ -97,6 +97,7 @@ def test_datasets_says_which_are_present_and_where(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines()[-7:]}
     assert f"present: {tmp_path / 'data' / 'mnist'} (data_dir)" in lines["mnist"]
-    assert f"present: {tmp_path / 'system' / 'fashion-mnist'} (system)" in lines["fashion-mnist"]
+    assert (f"not in --data-dir; present at {tmp_path / 'system' / 'fashion-mnist'} (system), which runs read when "
+            "--data-dir is left out") in lines["fashion-mnist"]
     assert "present: embedded" in lines["fashion-mnist-mini"]
     assert "absent (downloaded on first use); to get it:" in lines["cifar10"]

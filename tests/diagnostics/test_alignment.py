@@ -160,6 +160,29 @@ def test_pre_activation_is_the_output_signal_masked_by_relus_derivative():
 
 def test_pre_activation_needs_blocks_ending_in_an_activation():
     model = cf.models.BlockNet([nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5)), nn.Linear(5, 3)], (6,))
-    rule = cf.rules.build("bp", model, num_classes=3)
-    with pytest.raises(ValueError, match="block 0 ends in Linear .*use at=output"):
+    rule = cf.rules.build("bp", model.double(), num_classes=3)
+    with pytest.raises(ValueError, match="block 0's output comes from none of ReLU.*use at=output"):
         measure(rule, *batch((6,)), at="pre-activation")
+
+
+@pytest.mark.parametrize("spec", ["resnet18", "resnet18-nsc"])
+def test_pre_activation_in_residual_blocks_is_the_input_of_the_final_relu_call(spec):
+    """A BasicBlock's ReLU runs twice and an identity shortcut may be registered after it: the
+    recorded tensor is the gradient at the input of the call that produced the block's output, i.e.
+    the output's gradient masked by ReLU' (not the sum over both calls, not the block input's)."""
+    torch.manual_seed(0)
+    model = cf.models.build(spec, width=4, input_shape=(3, 8, 8), num_classes=3).double()
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    recorded = {}
+    for at in ("output", "pre-activation"):
+        rule = cf.rules.build("bp", copy.deepcopy(model), num_classes=3)
+        outputs = []
+        hooks = [b.register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
+                 for b in list(rule.model.children())[:-1]]
+        with AlignmentProbe(rule, at) as probe:
+            rule.step(x, y)
+        for h in hooks:
+            h.remove()
+        recorded[at] = probe.signals
+    for g_out, g_pre, h in zip(recorded["output"], recorded["pre-activation"], outputs, strict=True):
+        torch.testing.assert_close(g_pre, g_out * (h > 0))

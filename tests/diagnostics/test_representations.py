@@ -8,8 +8,13 @@ from torch import nn
 
 import creditflow as cf
 from creditflow.diagnostics import representations as reps
-from creditflow.diagnostics.representations import (balanced_subset, class_distances, class_statistics,
-                                                    collect_representations, mean_pairwise_distance)
+from creditflow.diagnostics.representations import (
+    balanced_subset,
+    class_distances,
+    class_statistics,
+    collect_representations,
+    mean_pairwise_distance,
+)
 from tests.reference import batch, tiny_cnn, tiny_mlp
 
 

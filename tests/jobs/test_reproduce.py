@@ -172,3 +172,28 @@ def test_a_probed_preset_reports_per_epoch_alignment_over_seeds(tmp_path):
     report = (out / "report.md").read_text()
     assert "cosine at each block's pre-activation, measured every 2 steps" in report and "| dfa-product |" in report
     assert (out / "mini" / "alignment-epochs.csv").read_text().startswith("rule,epoch,block,cosine,std,seeds")
+
+
+FAILING = """
+name: failing
+title: "One run fails"
+paper: "nobody 2024"
+rules: [broken, bp]
+columns:
+  broken: {rule: dfa, rule_options: {no_such_option: 1}}
+cells:
+  - {id: mini, dataset: fashion-mnist-mini, model: "mlp:784-16-16-10", paper: {broken: null, bp: null}}
+budgets:
+  full: {seeds: 1, epochs: 100}
+  quick: {seeds: 6, epochs: 2, max_steps_per_epoch: 30, batch_size: 16, jobs: 2}
+"""
+
+
+def test_a_failing_run_stops_the_side_by_side_workers_instead_of_draining_the_queue(tmp_path):
+    preset = tmp_path / "failing.yaml"
+    preset.write_text(FAILING)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="no_such_option"):
+        reproduce(str(preset), ReproduceOptions(budget="quick", out=str(out), device="cpu"), progress=False)
+    finished = list(out.glob("mini/bp/seed*/summary.json"))
+    assert len(finished) < 6  # the queued BP runs were never started

@@ -7,8 +7,12 @@ import torch
 from torch import nn
 
 from creditflow.diagnostics import saved_tensor_bytes
-from creditflow.mechanisms.compact import (CompactBatchNorm2d, IndexMaxPool2d, MaskReLU,
-                                           compact_activations)
+from creditflow.mechanisms.compact import (
+    CompactBatchNorm2d,
+    IndexMaxPool2d,
+    MaskReLU,
+    compact_activations,
+)
 
 
 def grads(module: nn.Module, x: torch.Tensor, weight: torch.Tensor):

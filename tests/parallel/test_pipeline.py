@@ -20,9 +20,9 @@ import creditflow as cf
 from creditflow.parallel import WorkerFailed
 from creditflow.parallel.pipeline import fit
 from creditflow.parallel.stages import Stage, make_plan, partition
+from creditflow.train import Callback, train
 from creditflow.train.checkpoint import load_checkpoint
 from creditflow.train.config import RunConfig
-from creditflow.train import Callback, train
 from creditflow.train.metrics import read_jsonl
 
 STEPS = 6  # per epoch

@@ -6,8 +6,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import creditflow as cf
-from creditflow.mechanisms.feedback import active_policy
 from creditflow.diagnostics import saved_tensor_bytes
+from creditflow.mechanisms.feedback import active_policy
 from creditflow.rules.activation_sharing import match_activation
 from tests.reference import batch, bp_grads, output_error, tiny_cnn, tiny_mlp
 
@@ -404,3 +404,20 @@ def test_asfp_lc_group_classifiers_sit_at_the_end_of_each_sharing_group():
     assert len(per_block.classifiers) == 9  # the default: one per hidden block (stem included)
     with pytest.raises(ValueError, match="unknown classifiers 'layer'; available: group"):
         cf.rules.build("asfp-lc", model, num_classes=10, classifiers="layer")
+
+
+def test_asfp_lc_group_placement_draws_no_random_numbers_of_its_own():
+    """Finding the groups builds a throwaway asfp: it must not shift the rule's own random B."""
+    from creditflow.rules.activation_sharing import group_end_blocks
+
+    shape = (3, 8, 8)
+    model = cf.models.build("resnet18", width=4, input_shape=shape, num_classes=10)
+    names = group_end_blocks(model, 10, "cross-entropy", {"k": 4, "input_shape": shape})
+    rules = []
+    for options in ({"classifiers": "group"}, {"blocks": names}):
+        torch.manual_seed(3)
+        rules.append(cf.rules.build("asfp-lc", copy.deepcopy(model), num_classes=10, k=4, input_shape=shape, **options))
+    a, b = (r.state_dict() for r in rules)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="every sharing group ends in the head"):
+        cf.rules.build("asfp-lc", cf.models.build("mlp:784-16-16-10"), num_classes=10, k=4, classifiers="group")

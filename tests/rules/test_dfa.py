@@ -4,7 +4,14 @@ import pytest
 import torch
 
 import creditflow as cf
-from tests.reference import batch, bp_grads, mlp_direct_grads, output_error, tiny_cnn, tiny_mlp
+from tests.reference import (
+    batch,
+    bp_grads,
+    mlp_direct_grads,
+    output_error,
+    tiny_cnn,
+    tiny_mlp,
+)
 
 
 def test_dfa_with_one_hidden_block_and_B_equal_to_W_out_is_bp():

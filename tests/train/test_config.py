@@ -1,6 +1,12 @@
 import pytest
 
-from creditflow.train.config import CompareConfig, ConfigError, RunConfig, load_yaml, validate
+from creditflow.train.config import (
+    CompareConfig,
+    ConfigError,
+    RunConfig,
+    load_yaml,
+    validate,
+)
 
 
 def test_defaults_are_a_valid_run():

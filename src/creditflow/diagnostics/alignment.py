@@ -97,37 +97,53 @@ def weight_angles(rule: nn.Module) -> dict[str, float]:
     return angles
 
 
-#: where the signal is read: the block's output h_i, or the input a_i of its final activation
+#: where the signal is read: the block's output h_i, or the input a_i of the activation producing it
 PLACES = ("output", "pre-activation")
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
 
-def final_activation(block: nn.Module, i: int) -> nn.Module:
-    """The activation module that ends block ``i`` (for ``at="pre-activation"``); one line if none does."""
-    last = list(block.children())[-1] if len(list(block.children())) else block
-    if not isinstance(last, ACTIVATIONS):
-        raise ValueError(f"pre-activation alignment reads the input of each block's final activation; block {i} "
-                         f"ends in {type(last).__name__} (allowed: blocks ending in "
-                         f"{', '.join(a.__name__ for a in ACTIVATIONS)}), use at=output")
-    return last
-
-
 class _Recorder:
     """Forward hooks that catch the gradient arriving at each block's output (``at="output"``) or at
-    the input of its final activation (``at="pre-activation"``)."""
+    the input of the activation call whose result *is* the block's output (``at="pre-activation"``:
+    the call, not the module, so a ReLU used twice in a residual block, or an identity shortcut
+    registered after it, is never mistaken for it)."""
 
     def __init__(self, blocks: list[nn.Module], at: str = "output"):
         if at not in PLACES:
             raise ValueError(f"unknown alignment place {at!r}; allowed: {', '.join(PLACES)}")
         self.grads: list[Tensor | None] = [None] * len(blocks)
-        hooked = blocks if at == "output" else [final_activation(b, i) for i, b in enumerate(blocks)]
-        self.handles = [b.register_forward_hook(self._hook(i, at)) for i, b in enumerate(hooked)]
+        self.handles = []
+        for i, block in enumerate(blocks):
+            if at == "output":
+                self.handles.append(block.register_forward_hook(self._on_output(i)))
+                continue
+            calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # this forward's activation calls
+            self.handles.append(block.register_forward_pre_hook(lambda m, args, calls=calls: calls.clear()))
+            for act in (m for m in block.modules() if isinstance(m, ACTIVATIONS)):
+                self.handles.append(act.register_forward_hook(
+                    lambda m, args, out, calls=calls: calls.append((m, args[0], out))))
+            self.handles.append(block.register_forward_hook(self._on_pre_activation(i, calls)))
 
-    def _hook(self, i: int, at: str):
+    def _on_output(self, i: int):
         def on_forward(module, inputs, output):
-            tensor = output if at == "output" else inputs[0]
-            if isinstance(tensor, Tensor) and tensor.requires_grad:
-                tensor.register_hook(lambda g: self._add(i, g))
+            if isinstance(output, Tensor) and output.requires_grad:
+                output.register_hook(lambda g: self._add(i, g))
+
+        return on_forward
+
+    def _on_pre_activation(self, i: int, calls):
+        def on_forward(module, inputs, output):
+            found = [(m, a) for m, a, out in calls if out is output]
+            if not found:
+                raise ValueError(f"pre-activation alignment reads the input of the activation that produces each "
+                                 f"block's output; block {i}'s output comes from none of "
+                                 f"{', '.join(a.__name__ for a in ACTIVATIONS)}: use at=output")
+            act, a = found[-1]
+            if a is output and not isinstance(act, nn.Identity):
+                raise ValueError(f"block {i} ends in an in-place {type(act).__name__}: its input is overwritten by "
+                                 "its output, so the pre-activation cannot be read; use inplace=False or at=output")
+            if isinstance(a, Tensor) and a.requires_grad:
+                a.register_hook(lambda g: self._add(i, g))
 
         return on_forward
 

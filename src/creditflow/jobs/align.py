@@ -123,6 +123,8 @@ class AlignmentProbe(Callback):
 
     With ``folder`` the rows are written to ``folder/alignment.jsonl`` at every epoch's end, and a
     resumed run reads back those of the epochs its checkpoint holds: a long probe survives a kill.
+    ``folder/probe.json`` records ``every`` and ``at``; a run resumed with other settings, or one
+    trained without the probe, is refused (its rows would mix two measurements).
     """
 
     def __init__(self, spec: str, every: int, at: str = "output", folder: Path | None = None):
@@ -132,9 +134,19 @@ class AlignmentProbe(Callback):
         self.epoch, self.last = 1, None
 
     def on_fit_start(self, trainer):
-        if self.path is not None and trainer.epochs_done:
+        if self.path is None:
+            return
+        settings, saved = {"every": self.every, "at": self.at}, self.path.parent / "probe.json"
+        if trainer.epochs_done:
+            if not saved.is_file():
+                raise ValueError(f"{self.path.parent} was trained without the alignment probe; measuring from here "
+                                 "on would leave its first epochs out: start it in another folder")
+            if (before := json.loads(saved.read_text())) != settings:
+                raise ValueError(f"{self.path.parent} was measured with every={before['every']}, at={before['at']}, "
+                                 f"not every={self.every}, at={self.at}: use its settings or another folder")
             done = trainer.epochs_done  # rows of an epoch the checkpoint does not hold are measured again
             self.rows = [r for r in read_jsonl(self.path) if r["epoch"] <= done]
+        write_json(saved, settings)
 
     def on_epoch_start(self, trainer, epoch):
         self.epoch = epoch + 1

@@ -35,6 +35,8 @@ def cell_alignment(folder: Path, runs: list[tuple[str, RunConfig]], probe: Probe
         rows.append({"rule": column, "epoch": epoch, "block": block, "cosine": mean, "std": std, "seeds": len(values)})
     write_text(folder / "alignment-epochs.csv", "rule,epoch,block,cosine,std,seeds\n" + "".join(
         f"{r['rule']},{r['epoch']},{r['block']},{r['cosine']},{r['std']},{r['seeds']}\n" for r in rows))
+    if not rows:  # nothing measured (no run of this cell carried the probe)
+        return rows
     try:
         fig = plot_epoch_means(rows, f"{title}: cosine with BP at each block's {probe.at}, per-epoch mean",
                                {(r["rule"], r["epoch"], r["block"]): r["std"] for r in rows})
@@ -44,12 +46,15 @@ def cell_alignment(folder: Path, runs: list[tuple[str, RunConfig]], probe: Probe
     return rows
 
 
-def alignment_report(preset: Preset, results: dict[str, Any]) -> list[str]:
+def alignment_report(preset: Preset, results: dict[str, Any], probe: Probe) -> list[str]:
     """Per cell: each column's per-epoch mean cosine with BP at its first and last epoch, and its peak."""
-    every = preset.budgets[results["budget"]].get("probe_every", preset.probe.every)
-    lines = [f"Alignment with BP (cosine at each block's {preset.probe.at}, measured every {every} "
+    lines = [f"Alignment with BP (cosine at each block's {probe.at}, measured every {probe.every} "
              "steps, averaged per epoch, then mean ± std over seeds): first epoch -> last epoch (peak epoch "
              "mean). Figure: `<cell>/alignment.png`; numbers: `<cell>/alignment-epochs.csv`."]
+
+    def value(r):  # one seed has no spread to claim
+        return f"{r['cosine']:.3f}" + (f" ± {r['std']:.3f}" if r["seeds"] > 1 else "")
+
     for cell in preset.cells:
         rows = results["cells"].get(cell.id, {}).get("alignment")
         if not rows:
@@ -60,10 +65,12 @@ def alignment_report(preset: Preset, results: dict[str, Any]) -> list[str]:
             row = []
             for b in blocks:
                 mine = sorted((r for r in rows if r["rule"] == column and r["block"] == b), key=lambda r: r["epoch"])
+                if not mine:  # the block got no signal in this column (Shallow's frozen blocks)
+                    row.append("–")
+                    continue
                 first, last, peak = mine[0], mine[-1], max(mine, key=lambda r: r["cosine"])
-                row.append(f"{first['cosine']:.3f} ± {first['std']:.3f} (ep {first['epoch']}) -> "
-                           f"{last['cosine']:.3f} ± {last['std']:.3f} (ep {last['epoch']}); peak {peak['cosine']:.3f}"
-                           f" (ep {peak['epoch']})")
+                row.append(f"{value(first)} (ep {first['epoch']}) -> {value(last)} (ep {last['epoch']}); "
+                           f"peak {peak['cosine']:.3f} (ep {peak['epoch']})")
             lines.append(markdown_row([column, *row]))
     return lines
 
@@ -80,7 +87,7 @@ def budget_notes(preset: Preset, budget: str) -> str:
                    for label, settings in parts)
 
 
-def to_report(preset: Preset, results: dict[str, Any]) -> str:
+def to_report(preset: Preset, results: dict[str, Any], probe: Probe | None = None) -> str:
     name = results["budget"]
     # the run settings, and the seeds; not what only describes the budget (its cells, jobs, time)
     budget = {k: v for k, v in preset.budgets[name].items() if k == "seeds" or k not in BUDGET_META}
@@ -118,8 +125,8 @@ def to_report(preset: Preset, results: dict[str, Any]) -> str:
         lines.append(markdown_row([cell.id, *cells]))
     for extra in preset.extras:
         lines += ["", *extra_report(preset, extra, results)]
-    if preset.probe:
-        lines += ["", *alignment_report(preset, results)]
+    if probe is not None:
+        lines += ["", *alignment_report(preset, results, probe)]
     if notes:
         lines += ["", "Skipped cells:", *notes]
     return "\n".join(lines) + "\n"

@@ -146,5 +146,6 @@ def listing() -> str:
             minutes = f", ~{spec['minutes']} min" if "minutes" in spec else ""
             budgets.append(f"{b} ({spec.get('seeds', 1)} seed{'s' if spec.get('seeds', 1) > 1 else ''}{minutes})")
         rows.append(markdown_row([name, preset.title, ", ".join(budgets)]))
-    return "\n".join([*markdown_table(["preset", "table", "budgets (wall time on a 2-core CPU like CI's: measured where a report is committed, else estimated from step times)"], []),
-                      *rows])
+    header = ("budgets (wall time on a 2-core CPU like CI's: measured where a report is committed, "
+              "else estimated from step times)")
+    return "\n".join([*markdown_table(["preset", "table", header], []), *rows])

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +63,8 @@ class ReproduceOptions(BaseModel):
 def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[str], list[tuple[str, RunConfig]]]:
     """The columns of a cell (those the paper reports) and one (column, RunConfig) per column and seed.
 
-    Settings merge in this order: budget < the cell's full-budget or quick overrides < the
+    Settings merge in this order: budget < the cell's ``full`` settings or the budget's
+    ``<budget>_overrides`` for the cell < the
     column's definition (``columns``) < the cell's per-column ``settings``. A column may set
     ``model`` (default: the cell's) and ``model_options``; these update the cell's own
     ``model_options`` (for the cell's model), which update the budget's
@@ -71,12 +72,12 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
     """
     budget = budget_of(preset, opts.budget)
     seeds = opts.seeds or budget.get("seeds", 1)
-    for key in BUDGET_META:
-        budget.pop(key, None)
     if opts.budget == "full":
         budget.update(cell.full)
     else:
         budget.update(preset.budgets.get(f"{opts.budget}_overrides", {}).get(cell.id, {}))
+    for key in BUDGET_META:  # what describes the budget is no run setting, wherever it was written
+        budget.pop(key, None)
     budget_model_options = preset.budgets.get(f"{opts.budget}_model_options", {})
     wanted = set(opts.columns.split(",")) if opts.columns else None
     columns = [c for c in preset.rules if c in cell.paper and (wanted is None or c in wanted)]
@@ -133,25 +134,31 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
             continue
         planned[cell.id] = cell_runs(preset, cell, opts)
     jobs = opts.jobs or preset.budgets[opts.budget].get("jobs", 1)
+    # wall time over every invocation: a resumed preset adds its own to what the cut one recorded
+    saved = out / "results.json"
+    earlier = json.loads(saved.read_text()).get("wall_seconds", 0.0) if saved.is_file() else 0.0
     started = time.perf_counter()
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
     order = [(cell_id, column, cfg) for cell_id, (_, runs) in planned.items() for column, cfg in runs]
     probe = None
     if preset.probe:  # a budget may measure less often than the paper (every probe costs ~3 steps)
-        probe = {**preset.probe.model_dump(), "every": preset.budgets[opts.budget].get("probe_every", preset.probe.every)}
+        probe = preset.probe.model_copy(update={"every": preset.budgets[opts.budget].get("probe_every",
+                                                                                       preset.probe.every)})
+    results["jobs"] = jobs
+    collect(results, planned, done)
     for (cell_id, column, cfg), summary in run_all(order, jobs, progress, probe):
         done[cell_id, column, cfg.seed] = {**summary, **run_extras(preset, cfg, summary, opts)}
         collect(results, planned, done)
+        results["wall_seconds"] = round(earlier + time.perf_counter() - started, 1)
         write_json(out / "results.json", results)  # after every run: a killed preset keeps what it has
-    results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    results["jobs"] = jobs
+    results["wall_seconds"] = round(earlier + time.perf_counter() - started, 1)
     for cell_id, (columns, runs) in planned.items():
         plot_curves({f"{column} s{cfg.seed}": read_jsonl(cfg.out_dir() / "metrics.jsonl") for column, cfg in runs},
                     out / cell_id / "curves.png", f"{preset.name} {cell_id} ({opts.budget})")
-        if preset.probe:
-            results["cells"][cell_id]["alignment"] = cell_alignment(out / cell_id, runs, Probe(**probe),
+        if probe is not None:
+            results["cells"][cell_id]["alignment"] = cell_alignment(out / cell_id, runs, probe,
                                                                     f"{preset.name} {cell_id} ({opts.budget})")
-    report = to_report(preset, results)
+    report = to_report(preset, results, probe)
     write_text(out / "report.md", report)
     write_json(out / "results.json", results)
     results["report"] = report
@@ -169,41 +176,67 @@ def collect(results: dict[str, Any], planned: dict[str, tuple[list[str], list[tu
         results["cells"][cell_id] = {"summaries": summaries}
 
 
-def run_one(cfg: RunConfig, column: str, probe: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+def run_one(cfg: RunConfig, column: str, probe: Probe | None, progress: bool) -> dict[str, Any]:
     """One run of the preset, resumed if it was cut (with the alignment probe when the preset has one)."""
     callbacks = []
     if probe is not None:
         from .align import AlignmentProbe
 
-        callbacks.append(AlignmentProbe(column, probe["every"], probe["at"], cfg.out_dir()))
+        callbacks.append(AlignmentProbe(column, probe.every, probe.at, cfg.out_dir()))
     return train(cfg, resume=True, progress=progress, callbacks=callbacks)
 
 
-def run_all(order: list[tuple[str, str, RunConfig]], jobs: int, progress: bool, probe: dict[str, Any] | None = None):
+def _run_item(item: tuple[int, RunConfig, str, Probe | None]) -> tuple[int, dict[str, Any]]:
+    index, cfg, column, probe = item
+    return index, run_one(cfg, column, probe, False)
+
+
+def run_all(order: list[tuple[str, str, RunConfig]], jobs: int, progress: bool, probe: Probe | None = None):
     """Yield ``(run, summary)`` as each run finishes: in order in this process (``jobs`` 1), else
     ``jobs`` processes side by side with one thread each (on a small CPU two 1-thread runs beat one
-    2-thread run; docs/reproduction/README.md has the measurement). Each run resumes if it was cut."""
+    2-thread run; docs/reproduction/README.md has the measurement). Each run resumes if it was cut.
+
+    A failure in any run, or an interrupt, stops every worker at once (the runs in progress keep
+    their last checkpoint) instead of letting the queue drain; workers also exit if this process dies.
+    """
     if jobs == 1:
         for item in order:
             log.info("%s: %s seed %d", *item[:2], item[2].seed)
             yield item, run_one(item[2], item[1], probe, progress)
         return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_one_thread_worker) as pool:
-        futures = {pool.submit(run_one, cfg, column, probe, False): (cell_id, column, cfg)
-                   for cell_id, column, cfg in order}
-        for future in as_completed(futures):
-            item = futures[future]
-            summary = future.result()
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(jobs, initializer=_worker_setup, initargs=(os.getpid(), logging.getLogger().getEffectiveLevel()))
+    try:
+        tasks = [(i, cfg, column, probe) for i, (_, column, cfg) in enumerate(order)]
+        for index, summary in pool.imap_unordered(_run_item, tasks):
+            item = order[index]
             log.info("%s: %s seed %d done, test %.4f", *item[:2], item[2].seed, summary["test_acc"])
             yield item, summary
+    except BaseException:
+        pool.terminate()  # the queued runs never start; a cut run resumes from its checkpoint next time
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
 
 
-def _one_thread_worker() -> None:
+def _worker_setup(parent: int, level: int) -> None:
+    """One thread per worker (what side by side is for; children it launches inherit it), the
+    parent's log level, and an exit when the parent is gone, so no orphan keeps a run folder locked."""
+    import threading
+
     import torch
 
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    def watch_parent():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
 
 
 def run_extras(preset: Preset, cfg: RunConfig, summary: dict[str, Any], opts: ReproduceOptions) -> dict[str, Any]:

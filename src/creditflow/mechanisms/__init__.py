@@ -1,10 +1,18 @@
 """The three shared mechanisms every rule is built from (see docs/design.md)."""
 
 from .feedback import FeedbackConv2d, FeedbackLinear, attach_feedback, random_like_init
+from .injection import (
+                        FEEDBACK_INITS,
+                        BoundaryCut,
+                        DirectFeedback,
+                        Segment,
+                        check_feedback_init,
+                        downstream_product,
+                        inject,
+                        run_cut,
+)
 from .local import ConvLocal, LinearLocal, local_module
 from .losses import LOSSES, get_loss
-from .injection import (FEEDBACK_INITS, BoundaryCut, DirectFeedback, Segment, check_feedback_init, downstream_product,
-                        inject, run_cut)
 from .modes import block_output_shapes, eval_mode, probe_batch
 
 __all__ = [

@@ -31,7 +31,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-
 _BITS = {}  # device -> the shifts 0..7 (uint8)
 
 

@@ -7,7 +7,6 @@ from torch import nn
 from ..registry import register_model
 from .blocks import BlockNet, parse_dims
 
-
 DOWNSAMPLING = ("stride", "maxpool")
 
 

@@ -35,7 +35,14 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..train.trainer import EXPECTED_ERRORS, Strategy, Trainer, register_strategy
-from .launch import barrier, is_torchrun, launch, resolve_device, warn_if_oversubscribed, worker_device
+from .launch import (
+    barrier,
+    is_torchrun,
+    launch,
+    resolve_device,
+    warn_if_oversubscribed,
+    worker_device,
+)
 from .messages import broadcast
 
 __all__ = ["DataParallel", "DataParallelStrategy"]

@@ -11,8 +11,22 @@ import yaml
 from torch import nn
 
 from ..registry import RULES, check_options
-from . import activation_sharing, associated_learning, bp, dfa, drtp, fa, forward_alignment, kolen_pollack, las, local_classifier, shallow, sign_symmetry, weight_mirror  # noqa: F401  (import is registration)
-from . import dtp  # noqa: F401
+from . import (  # noqa: F401  (import is registration)
+    activation_sharing,
+    associated_learning,
+    bp,
+    dfa,
+    drtp,
+    dtp,  # noqa: F401
+    fa,
+    forward_alignment,
+    kolen_pollack,
+    las,
+    local_classifier,
+    shallow,
+    sign_symmetry,
+    weight_mirror,
+)
 from .base import DirectRule, Rule, StepResult, UnitRule
 
 

@@ -19,8 +19,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..mechanisms.compact import compact_activations
-from ..mechanisms.feedback import (FeedbackPolicy, SavedActivation, attach_feedback, feedback_policy,
-                                   kp_decay_, learn_feedback, random_like_init)
+from ..mechanisms.feedback import (
+    FeedbackPolicy,
+    SavedActivation,
+    attach_feedback,
+    feedback_policy,
+    kp_decay_,
+    learn_feedback,
+    random_like_init,
+)
 from ..mechanisms.local import LinearLocal, freeze
 from ..mechanisms.modes import eval_mode, probe_batch
 from ..registry import register_rule
@@ -225,16 +232,23 @@ def group_end_blocks(model: nn.Sequential, num_classes: int, loss: str, options:
     """The names of ``model``'s hidden children that hold the last layer of a sharing group (the
     groups ``asfp`` forms with these options, on a copy), in order; None if that is every one."""
     import copy
+    import inspect
 
-    sharing = {k: v for k, v in options.items() if k in ("k", "match", "reading", "train_first", "input_shape")}
-    twin = ASFP(copy.deepcopy(model), num_classes, loss, **sharing)
+    takes = {n for n, p in inspect.signature(SharedActivations.__init__).parameters.items()
+             if p.kind is p.KEYWORD_ONLY}
+    sharing = {k: v for k, v in options.items() if k in takes}
+    with torch.random.fork_rng(devices=[]):  # the copy's random B must not move the rule's own draws
+        twin = ASFP(copy.deepcopy(model), num_classes, loss, **sharing)
     children = list(twin.model.named_children())
     child_of = {id(m): i for i, (_, child) in enumerate(children) for m in child.modules()}
     last: dict[int, int] = {}
     for layer, group in zip(twin._sharing, twin._group):
         last[group] = max(last.get(group, -1), child_of[id(layer)])
     ends = sorted(set(last.values()) - {len(children) - 1})
-    if ends == list(range(len(children) - 1)) or not ends:
+    if not ends:
+        raise ValueError("classifiers='group': every sharing group ends in the head, so there is no hidden block to "
+                         "end with a local classifier; use a smaller k or classifiers='block'")
+    if ends == list(range(len(children) - 1)):
         return None
     return [children[i][0] for i in ends]
 

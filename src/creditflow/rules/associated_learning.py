@@ -7,9 +7,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from ..mechanisms.modes import eval_mode
 from ..models.associated import REDUCTIONS, AssociatedNet
 from ..registry import MODELS, register_rule
-from ..mechanisms.modes import eval_mode
 from .base import UnitRule, UnitsRecord
 
 

@@ -25,8 +25,15 @@ from typing import Any, ContextManager, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..mechanisms import (BoundaryCut, Segment, block_output_shapes, downstream_product, get_loss, inject,
-                          run_cut)
+from ..mechanisms import (
+    BoundaryCut,
+    Segment,
+    block_output_shapes,
+    downstream_product,
+    get_loss,
+    inject,
+    run_cut,
+)
 from ..mechanisms.modes import eval_mode
 
 

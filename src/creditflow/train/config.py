@@ -17,7 +17,6 @@ from pydantic_core import PydanticUndefined
 
 from ..registry import DATASETS, MODELS, RULES
 
-
 #: config keys that say where a run's work happens, not what it computes: a run resumes across them
 PLACEMENT_KEYS = frozenset({"stages", "backend", "out"})
 
