@@ -275,6 +275,7 @@ def plot_epoch_means(means: list[dict[str, Any]], title: str = "", spread: dict 
     blocks = sorted({m["block"] for m in means})
     fig = Figure(figsize=(4.2 * len(blocks) + 1.8, 3.2), layout="constrained")
     axes = fig.subplots(1, len(blocks), squeeze=False, sharey=True)[0]
+    handles = {}
     for ax, b in zip(axes, blocks):
         for k, rule in enumerate(rules):
             pts = sorted((m["epoch"], m["cosine"]) for m in means
@@ -282,7 +283,7 @@ def plot_epoch_means(means: list[dict[str, Any]], title: str = "", spread: dict 
             if not pts:
                 continue
             epochs, values = zip(*pts)
-            ax.plot(epochs, values, color=f"C{k % 10}", linewidth=1.4, label=rule)
+            (handles[rule],) = ax.plot(epochs, values, color=f"C{k % 10}", linewidth=1.4, label=rule)
             if spread:
                 std = [spread.get((rule, e, b), 0.0) for e in epochs]
                 ax.fill_between(epochs, [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)],
@@ -291,7 +292,8 @@ def plot_epoch_means(means: list[dict[str, Any]], title: str = "", spread: dict 
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean cosine with BP")
         ax.grid(alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize="small")
+    fig.legend([handles[r] for r in rules if r in handles], [r for r in rules if r in handles],
+               loc="outside right upper", fontsize="small")  # one entry per rule, not per panel
     if title:
         fig.suptitle(title)
     return fig
