@@ -79,7 +79,9 @@ class ForwardAlignment(Rule):
         state = {k: v.clone() for k, v in self.model.named_buffers() if not k.endswith("feedback")}
         state.update(zip(self._weight_names, self.C))
         try:
-            functional_call(self.model, state, (x,))
+            # C and W are never tied: skip the per-call search for tied tensors (measured on the
+            # 10-10-10 net: 0.26 -> 0.21 ms of the approximate path, within a whole step's noise)
+            functional_call(self.model, state, (x,), tie_weights=False)
         finally:
             for h in hooks:
                 h.remove()
