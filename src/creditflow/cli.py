@@ -296,7 +296,7 @@ def reproduce(preset, list_presets, quiet, **flags):
     except ValueError as err:  # the message names what is allowed (presets, budgets, cells, columns)
         raise click.ClickException(str(err)) from None
     click.echo(results["report"])
-    click.echo(f"results in {opts.out or f'runs/reproduce-{preset}-{opts.budget}'}/report.md, results.json")
+    click.echo(f"results in {results['out']}/report.md, results.json")
 
 
 @main.command()

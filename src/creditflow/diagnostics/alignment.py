@@ -25,8 +25,8 @@ Fig. 4), for blocks that end in an activation module. Mask-free it is the same d
 output; with ReLU the inactive units drop out of both vectors.
 
 Recording needs no help from the rule: a forward hook on each block (or on its final activation)
-registers a tensor hook on its output (or the activation's input). References: Yang, Lee & Park 2024, Sec. IV.C and Fig. 4; Lillicrap et al. 2016, Fig. 2;
-Nøkland 2016, Sec. 5.
+registers a tensor hook on its output (or the activation's input). References: Yang, Lee & Park
+2024, Sec. IV.C and Fig. 4; Lillicrap et al. 2016, Fig. 2; Nøkland 2016, Sec. 5.
 """
 
 from __future__ import annotations
@@ -102,6 +102,11 @@ PLACES = ("output", "pre-activation")
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
 
+def _check_place(at: str) -> None:
+    if at not in PLACES:
+        raise ValueError(f"unknown alignment place {at!r}; allowed: {', '.join(PLACES)}")
+
+
 class _Recorder:
     """Forward hooks that catch the gradient arriving at each block's output (``at="output"``) or at
     the input of the activation call whose result *is* the block's output (``at="pre-activation"``:
@@ -109,8 +114,7 @@ class _Recorder:
     registered after it, is never mistaken for it)."""
 
     def __init__(self, blocks: list[nn.Module], at: str = "output"):
-        if at not in PLACES:
-            raise ValueError(f"unknown alignment place {at!r}; allowed: {', '.join(PLACES)}")
+        _check_place(at)
         self.grads: list[Tensor | None] = [None] * len(blocks)
         self.handles = []
         for i, block in enumerate(blocks):
@@ -196,8 +200,7 @@ class AlignmentProbe:
     """
 
     def __init__(self, rule: nn.Module, at: str = "output"):
-        if at not in PLACES:
-            raise ValueError(f"unknown alignment place {at!r}; allowed: {', '.join(PLACES)}")
+        _check_place(at)
         self.rule, self.at = rule, at
         self._recorder: _Recorder | None = None
         self._reference: nn.Module | None = None

@@ -12,8 +12,6 @@ per rule) and, when a rule has feedback matrices, ``alignment-weights.{png,svg}`
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -27,7 +25,7 @@ from pydantic import Field, field_validator
 
 from .. import data
 from ..diagnostics import measure
-from ..report import figure_class, finite, fmt, save_figure
+from ..report import csv_text, figure_class, finite, fmt, save_figure
 from ..rules import parse_spec as parse_rule_spec
 from ..train.checkpoint import write_json, write_text
 from ..train.config import PLACEMENT_KEYS, RunConfig, config_key, schema_defaults
@@ -221,8 +219,8 @@ def summarize(rows: list[dict[str, Any]], test_acc: float | None) -> dict[str, A
         "steps": max(r["step"] for r in rows),
         "epoch_cosine": [[m["cosine"] for m in by_epoch if m["block"] == b] for b in blocks],
         "first_cosine": [mean(r["cosine"] for r in rows if r["block"] == b and r["step"] == 0) for b in blocks],
-        "last_epoch_cosine": [mean(r["cosine"] for r in rows if r["block"] == b and r["epoch"] == last_epoch
-                                   and not r.get("final")) for b in blocks],
+        "last_epoch_cosine": [next((m["cosine"] for m in by_epoch if m["block"] == b and m["epoch"] == last_epoch),
+                                   None) for b in blocks],
         "last_weight_angle_deg": rows[-1]["weight_angle_deg"],
     }
 
@@ -241,14 +239,9 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     names = sorted({k for r in rows for k in r["weight_angle_deg"]})
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["rule", "epoch", "step", "block", "cosine", *(f"weight_angle_deg.{k}" for k in names)])
-    for r in rows:
-        angles = r["weight_angle_deg"]
-        writer.writerow([r["rule"], r["epoch"], r["step"], r["block"], "" if r["cosine"] is None else r["cosine"],
-                         *("" if angles.get(k) is None else angles[k] for k in names)])
-    return buf.getvalue()
+    return csv_text(["rule", "epoch", "step", "block", "cosine", *(f"weight_angle_deg.{k}" for k in names)],
+                    ([r["rule"], r["epoch"], r["step"], r["block"], r["cosine"],
+                      *(r["weight_angle_deg"].get(k) for k in names)] for r in rows))
 
 
 def write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -259,12 +252,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
 
 
 def epochs_csv(means: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["rule", "epoch", "block", "cosine", "n"])
-    for m in means:
-        writer.writerow([m["rule"], m["epoch"], m["block"], "" if m["cosine"] is None else m["cosine"], m["n"]])
-    return buf.getvalue()
+    keys = ("rule", "epoch", "block", "cosine", "n")
+    return csv_text(keys, ([m[k] for k in keys] for m in means))
 
 
 def plot_epoch_means(means: list[dict[str, Any]], title: str = "", spread: dict | None = None):

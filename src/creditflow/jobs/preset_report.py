@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report import (
+    csv_text,
     fmt,
     fmt_mean_std,
     markdown_row,
@@ -33,8 +34,8 @@ def cell_alignment(folder: Path, runs: list[tuple[str, RunConfig]], probe: Probe
     for (column, epoch, block), values in per_run.items():
         mean, std = mean_std(values)
         rows.append({"rule": column, "epoch": epoch, "block": block, "cosine": mean, "std": std, "seeds": len(values)})
-    write_text(folder / "alignment-epochs.csv", "rule,epoch,block,cosine,std,seeds\n" + "".join(
-        f"{r['rule']},{r['epoch']},{r['block']},{r['cosine']},{r['std']},{r['seeds']}\n" for r in rows))
+    keys = ("rule", "epoch", "block", "cosine", "std", "seeds")
+    write_text(folder / "alignment-epochs.csv", csv_text(keys, ([r[k] for k in keys] for r in rows)))
     if not rows:  # nothing measured (no run of this cell carried the probe)
         return rows
     try:

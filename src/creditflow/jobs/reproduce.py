@@ -59,13 +59,16 @@ class ReproduceOptions(BaseModel):
     jobs: int | None = Field(None, ge=1, description="runs side by side, one thread each (default: the budget's "
                              "jobs, else 1)")
 
+    def out_dir(self, preset: Preset) -> Path:
+        return Path(self.out or f"runs/reproduce-{preset.name}-{self.budget}")
+
 
 def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[str], list[tuple[str, RunConfig]]]:
     """The columns of a cell (those the paper reports) and one (column, RunConfig) per column and seed.
 
     Settings merge in this order: budget < the cell's ``full`` settings or the budget's
-    ``<budget>_overrides`` for the cell < the
-    column's definition (``columns``) < the cell's per-column ``settings``. A column may set
+    ``<budget>_overrides`` for the cell < the column's definition (``columns``) < the cell's
+    per-column ``settings``. A column may set
     ``model`` (default: the cell's) and ``model_options``; these update the cell's own
     ``model_options`` (for the cell's model), which update the budget's
     ``<budget>_model_options`` for that model (looked up by full spec, then by name before ``:``).
@@ -81,7 +84,7 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
     budget_model_options = preset.budgets.get(f"{opts.budget}_model_options", {})
     wanted = set(opts.columns.split(",")) if opts.columns else None
     columns = [c for c in preset.rules if c in cell.paper and (wanted is None or c in wanted)]
-    out = Path(opts.out or f"runs/reproduce-{preset.name}-{opts.budget}")
+    out = opts.out_dir(preset)
     runs = []
     for column in columns:
         column_settings = {"rule": column, **preset.columns.get(column, {}), **cell.settings.get(column, {})}
@@ -110,10 +113,10 @@ def dataset_missing(cell: Cell, opts: ReproduceOptions) -> str | None:
 
 def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> dict[str, Any]:
     preset = load_preset(name)
-    budget_of(preset, opts.budget)
-    out = Path(opts.out or f"runs/reproduce-{preset.name}-{opts.budget}")
+    budget = budget_of(preset, opts.budget)
+    out = opts.out_dir(preset)
     # the cells asked for, else those the budget covers (a cpu budget may reach only some), else all
-    wanted = set(opts.cells.split(",")) if opts.cells else set(preset.budgets[opts.budget].get("cells", [])) or None
+    wanted = set(opts.cells.split(",")) if opts.cells else set(budget.get("cells", [])) or None
     if wanted and (unknown := wanted - {c.id for c in preset.cells}):
         raise ValueError(f"unknown cell(s) {sorted(unknown)}; available: {', '.join(c.id for c in preset.cells)}")
     if opts.columns and (unknown := set(opts.columns.split(",")) - set(preset.rules)):
@@ -133,7 +136,7 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
             results["cells"][cell.id] = {"skipped": missing_data[cell.dataset]}
             continue
         planned[cell.id] = cell_runs(preset, cell, opts)
-    jobs = opts.jobs or preset.budgets[opts.budget].get("jobs", 1)
+    jobs = opts.jobs or budget.get("jobs", 1)
     # wall time over every invocation: a resumed preset adds its own to what the cut one recorded
     saved = out / "results.json"
     earlier = json.loads(saved.read_text()).get("wall_seconds", 0.0) if saved.is_file() else 0.0
@@ -142,8 +145,7 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     order = [(cell_id, column, cfg) for cell_id, (_, runs) in planned.items() for column, cfg in runs]
     probe = None
     if preset.probe:  # a budget may measure less often than the paper (every probe costs ~3 steps)
-        probe = preset.probe.model_copy(update={"every": preset.budgets[opts.budget].get("probe_every",
-                                                                                       preset.probe.every)})
+        probe = preset.probe.model_copy(update={"every": budget.get("probe_every", preset.probe.every)})
     results["jobs"] = jobs
     collect(results, planned, done)
     for (cell_id, column, cfg), summary in run_all(order, jobs, progress, probe):
@@ -161,7 +163,7 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     report = to_report(preset, results, probe)
     write_text(out / "report.md", report)
     write_json(out / "results.json", results)
-    results["report"] = report
+    results["report"], results["out"] = report, str(out)  # for the caller, not results.json
     return results
 
 

@@ -10,7 +10,9 @@ Bidirectional Connection" (M.Eng. thesis, SNU), ch. 4, Sec. 5.1.1, 5.2.1, 5.2.4 
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -231,9 +233,6 @@ class SharedActivations:
 def group_end_blocks(model: nn.Sequential, num_classes: int, loss: str, options: dict) -> list[str] | None:
     """The names of ``model``'s hidden children that hold the last layer of a sharing group (the
     groups ``asfp`` forms with these options, on a copy), in order; None if that is every one."""
-    import copy
-    import inspect
-
     takes = {n for n, p in inspect.signature(SharedActivations.__init__).parameters.items()
              if p.kind is p.KEYWORD_ONLY}
     sharing = {k: v for k, v in options.items() if k in takes}
