@@ -32,7 +32,7 @@ def test_a_second_run_into_a_busy_folder_refuses_and_the_lock_dies_with_its_proc
     out = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom creditflow.train.runfolder import claim\n"
-         f"with claim({str(out)!r}, {{}}):\n    print('held', flush=True)\n    time.sleep(60)\n"],
+         f"with claim({str(out)!r}, None):\n    print('held', flush=True)\n    time.sleep(60)\n"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -65,6 +65,13 @@ def test_default_folders_separate_runs_that_differ():
     others = [RunConfig(**{**SMALL, "lr": 0.5}), RunConfig(**SMALL, epochs=3), RunConfig(**{**SMALL, "model": "mlp:784-64-10"})]
     assert len({base.out_dir(), *(c.out_dir() for c in others)}) == 4
     assert base.out_dir().name.startswith("bp-fashion-mnist-mini-s0-")
+    # an option added in a later version (modelled by a schema with one more field), at its default,
+    # keeps an older command's folder, so re-running that command resumes its run
+
+    class Later(RunConfig):
+        new_option: int = 7
+
+    assert Later(**SMALL).out_dir() == base.out_dir() != Later(**SMALL, new_option=8).out_dir()
 
 
 def test_a_failed_start_leaves_no_folder_and_stale_temporaries_go(tmp_path):

@@ -28,7 +28,7 @@ from ..diagnostics import measure
 from ..report import csv_text, figure_class, finite, fmt, save_figure
 from ..rules import parse_spec as parse_rule_spec
 from ..train.checkpoint import write_json, write_text
-from ..train.config import PLACEMENT_KEYS, RunConfig, config_key, schema_defaults
+from ..train.config import RunConfig, config_key
 from ..train.metrics import read_jsonl, write_jsonl
 from ..train.runfolder import claim
 from ..train.trainer import Callback, DataInfo, build_rule, resolve_device, train
@@ -87,7 +87,7 @@ def align(cfg: AlignConfig, *, progress: bool = True, overwrite: bool = False) -
         figure_class("pass --no-plot for the JSONL/CSV only")  # fail before training, not after
     cfg = cfg.model_copy(update={"out": str(cfg.out_dir())})
     config = cfg.model_dump(mode="json", exclude={"rule"})  # `rules` says which
-    with claim(cfg.out_dir(), config, overwrite=overwrite, ignore=PLACEMENT_KEYS, defaults=schema_defaults(type(cfg))):
+    with claim(cfg.out_dir(), cfg, overwrite=overwrite, exclude={"rule"}):
         return _align(cfg, config, progress, overwrite)
 
 

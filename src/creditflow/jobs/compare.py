@@ -7,7 +7,7 @@ from typing import Any
 
 from ..report import csv_text, fmt, markdown_table, mean_std, plot_curves
 from ..train.checkpoint import write_json, write_text
-from ..train.config import PLACEMENT_KEYS, CompareConfig, dump_yaml, schema_defaults
+from ..train.config import CompareConfig, dump_yaml
 from ..train.metrics import read_jsonl
 from ..train.runfolder import claim
 from ..train.trainer import train
@@ -21,8 +21,7 @@ def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True,
     """
     cfg = cfg.model_copy(update={"out": str(cfg.out_dir())})
     out = cfg.out_dir()
-    with claim(out, cfg.model_dump(mode="json"), resume=resume, overwrite=overwrite, ignore=PLACEMENT_KEYS,
-               defaults=schema_defaults(type(cfg))):
+    with claim(out, cfg, resume=resume, overwrite=overwrite):
         write_text(out / "config.yaml", dump_yaml(cfg))
         runs: dict[str, list[dict[str, Any]]] = {r: [] for r in cfg.rules}
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):

@@ -22,8 +22,15 @@ PLACEMENT_KEYS = frozenset({"stages", "backend", "out"})
 
 
 def config_key(config: BaseModel) -> str:
-    """8 hex digits of the config's hash (less placement keys): default folders of different runs differ."""
-    values = {k: v for k, v in config.model_dump(mode="json").items() if k not in PLACEMENT_KEYS}
+    """8 hex digits of the config's hash: default folders of different runs differ.
+
+    Hashes only the values that differ from the schema's defaults (less placement keys), so that an
+    option added later, at its default, leaves the default folder of an older command unchanged and
+    re-running that command resumes its run.
+    """
+    defaults = schema_defaults(type(config))
+    values = {k: v for k, v in config.model_dump(mode="json").items()
+              if k not in PLACEMENT_KEYS and (k not in defaults or v != defaults[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -1,6 +1,6 @@
 """Run folders: claimed by one process at a time, never overwritten by another run.
 
-``with claim(folder, config, resume=..., overwrite=...)``:
+``with claim(folder, config, resume=..., overwrite=...)`` (``config``: the run's pydantic schema):
 
 1. refuses a folder that is a file, or under one;
 2. takes an exclusive ``fcntl.flock`` on ``folder/.lock``: the kernel drops it when the process
@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+
+from .config import PLACEMENT_KEYS, schema_defaults
 
 LOCK = ".lock"
 #: what a run folder holds that --overwrite removes (never anything else a user put there)
@@ -41,27 +44,33 @@ class RunFolderError(ValueError):
     """A run folder that cannot be used: a file, busy, or holding another run."""
 
 
-def config_diff(saved: dict[str, Any], now: dict[str, Any], ignore=frozenset(), defaults=None) -> list[str]:
-    """``["lr 0.001 -> 0.5", ...]``: every key (but ``ignore``) in which two configs differ.
+def config_diff(saved: dict[str, Any], now: BaseModel, ignore=PLACEMENT_KEYS, exclude=frozenset()) -> list[str]:
+    """``["lr 0.001 -> 0.5", ...]``: every key (but ``ignore``) in which a saved config and ``now`` differ.
 
-    ``defaults`` (the schema's ``{key: default}``): a key the saved config lacks and ``now`` holds at
-    its default is an option added since that run was made, which then ran as the default does.
+    A key the saved config lacks and ``now`` holds at its schema default is an option added since
+    that run was made, which then ran as the default does: not a difference. ``exclude``: fields of
+    ``now`` that a saved config never holds.
     """
-    defaults = defaults or {}
+    current = now.model_dump(mode="json", exclude=set(exclude))
+    defaults = schema_defaults(type(now))
 
     def same(k):
-        if k not in saved and k in defaults and now.get(k) == defaults[k]:
+        if k not in saved and k in defaults and current.get(k) == defaults[k]:
             return True
-        return saved.get(k) == now.get(k)
+        return saved.get(k) == current.get(k)
 
-    keys = sorted(k for k in saved.keys() | now.keys() if k not in ignore and not same(k))
-    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
+    keys = sorted(k for k in saved.keys() | current.keys() if k not in ignore and not same(k))
+    return [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in keys]
 
 
 @contextlib.contextmanager
-def claim(folder: str | Path, config: dict[str, Any], *, resume: bool = False, overwrite: bool = False,
-          extend: bool = False, ignore=frozenset(), defaults=None) -> Iterator[Path]:
-    """Hold ``folder`` for one run of ``config`` (the JSON dump of its schema) for the ``with`` block."""
+def claim(folder: str | Path, config: BaseModel | None, *, resume: bool = False, overwrite: bool = False,
+          extend: bool = False, ignore=PLACEMENT_KEYS, exclude=frozenset()) -> Iterator[Path]:
+    """Hold ``folder`` for one run of ``config`` for the ``with`` block (``None``: only lock it).
+
+    ``ignore``: keys that may differ from the folder's saved config (where the work runs, not what it
+    computes); ``exclude``: fields of ``config`` that its saved form leaves out.
+    """
     folder = Path(folder)
     created = not folder.exists()
     _make(folder)
@@ -73,7 +82,8 @@ def claim(folder: str | Path, config: dict[str, Any], *, resume: bool = False, o
             for name in RUN_FILES:
                 (folder / name).unlink(missing_ok=True)
         else:
-            _check_config(folder, config, resume, extend, ignore, defaults)
+            if config is not None:
+                _check_config(folder, config, resume, extend, ignore, exclude)
         yield folder
     except BaseException:
         if created and {p.name for p in folder.iterdir()} <= NOTHING_OF_VALUE:
@@ -109,7 +119,7 @@ def _lock(folder: Path) -> int:
     return fd
 
 
-def _check_config(folder: Path, config: dict[str, Any], resume: bool, extend: bool, ignore, defaults=None) -> None:
+def _check_config(folder: Path, config: BaseModel, resume: bool, extend: bool, ignore, exclude) -> None:
     path = folder / "config.yaml"
     if not path.is_file():
         return
@@ -119,11 +129,12 @@ def _check_config(folder: Path, config: dict[str, Any], resume: bool, extend: bo
         raise RunFolderError(f"{path} is not valid YAML: this folder's run cannot be identified; choose another "
                              "--out, or pass --overwrite to replace it") from None
     if extend:
-        if config.get("epochs", 0) <= saved.get("epochs", 0):
+        epochs = getattr(config, "epochs", 0)
+        if epochs <= saved.get("epochs", 0):
             raise RunFolderError(f"--extend needs more epochs than the run in {folder} has ({saved.get('epochs')}), "
-                                 f"got {config.get('epochs')}")
+                                 f"got {epochs}")
         ignore = ignore | {"epochs"}
-    diff = config_diff(saved, config, ignore, defaults)
+    diff = config_diff(saved, config, ignore, exclude)
     if not diff:
         return
     longer = " or --extend to train it longer" if [d.split()[0] for d in diff] == ["epochs"] else ""

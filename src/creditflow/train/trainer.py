@@ -30,7 +30,7 @@ from ..diagnostics import saved_tensor_bytes
 from ..mechanisms.modes import eval_mode
 from ..report import plot_curves
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
-from .config import PLACEMENT_KEYS, RunConfig, dump_yaml, schema_defaults
+from .config import PLACEMENT_KEYS, RunConfig, dump_yaml
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
 from .runfolder import claim, config_diff
 
@@ -359,8 +359,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, callba
         raise ValueError(f"no strategy {cfg.parallel!r} registered; available: {', '.join(sorted(STRATEGIES))}")
     # one process claims the folder: this one, or rank 0 of a torchrun launch (every rank runs train())
     owner = int(os.environ.get("RANK", "0")) == 0
-    with (claim(cfg.out_dir(), cfg.model_dump(mode="json"), resume=resume, overwrite=overwrite, extend=extend,
-                ignore=PLACEMENT_KEYS, defaults=schema_defaults(type(cfg))) if owner else contextlib.nullcontext()):
+    with (claim(cfg.out_dir(), cfg, resume=resume, overwrite=overwrite, extend=extend)
+          if owner else contextlib.nullcontext()):
         return STRATEGIES[cfg.parallel].run(cfg, resume=resume, progress=progress, callbacks=callbacks)
 
 
@@ -593,7 +593,7 @@ def check_resumable(saved: dict[str, Any], cfg: RunConfig, out) -> None:
 
     ``epochs`` may differ: :func:`train` let it (``--extend``) or refused it, from ``config.yaml``.
     """
-    diff = config_diff(saved, cfg.model_dump(mode="json"), PLACEMENT_KEYS | {"epochs"}, schema_defaults(type(cfg)))
+    diff = config_diff(saved, cfg, PLACEMENT_KEYS | {"epochs"})
     if diff:
         raise ValueError(f"cannot resume {out}: its checkpoint's config differs in {', '.join(diff)}; use the "
                          "saved config.yaml or another --out")
