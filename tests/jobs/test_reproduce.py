@@ -197,3 +197,18 @@ def test_a_failing_run_stops_the_side_by_side_workers_instead_of_draining_the_qu
         reproduce(str(preset), ReproduceOptions(budget="quick", out=str(out), device="cpu"), progress=False)
     finished = list(out.glob("mini/bp/seed*/summary.json"))
     assert len(finished) < 6  # the queued BP runs were never started
+
+
+def test_a_budget_starts_the_columns_it_names_first(tmp_path):
+    from creditflow.jobs.reproduce import run_order
+
+    (tmp_path / "tiny.yaml").write_text(TINY_PRESET)
+    preset = load_preset(str(tmp_path / "tiny.yaml"))
+    cell = next(c for c in preset.cells if c.id == "mini")
+    planned = {"mini": cell_runs(preset, cell, ReproduceOptions(budget="quick"))}
+    order = [(column, cfg.seed) for _, column, cfg in run_order(planned, ["dfa-product"], preset)]
+    assert order[:2] == [("dfa-product", 0), ("dfa-product", 1)]
+    assert order[2:] == [(c, s) for c, s in
+                         [(column, cfg.seed) for _, column, cfg in run_order(planned, [], preset)] if c != "dfa-product"]
+    with pytest.raises(ValueError, match="unknown column"):
+        run_order(planned, ["nope"], preset)

@@ -120,8 +120,9 @@ def load_preset(name: str) -> Preset:
     return Preset.model_validate(yaml.safe_load(text))
 
 
-#: budget keys that describe the budget rather than set a run's config
-BUDGET_META = ("seeds", "minutes", "jobs", "cells", "probe_every")
+#: budget keys that describe the budget rather than set a run's config (``first``: columns whose
+#: runs start first, the longest ones, so that the ``jobs`` lanes end near each other)
+BUDGET_META = ("seeds", "minutes", "jobs", "cells", "probe_every", "first")
 
 
 def budget_names(preset: Preset) -> list[str]:

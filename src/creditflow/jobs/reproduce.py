@@ -142,7 +142,7 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     earlier = json.loads(saved.read_text()).get("wall_seconds", 0.0) if saved.is_file() else 0.0
     started = time.perf_counter()
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    order = [(cell_id, column, cfg) for cell_id, (_, runs) in planned.items() for column, cfg in runs]
+    order = run_order(planned, budget.get("first", []), preset)
     probe = None
     if preset.probe:  # a budget may measure less often than the paper (every probe costs ~3 steps)
         probe = preset.probe.model_copy(update={"every": budget.get("probe_every", preset.probe.every)})
@@ -165,6 +165,20 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     write_json(out / "results.json", results)
     results["report"], results["out"] = report, str(out)  # for the caller, not results.json
     return results
+
+
+def run_order(planned: dict[str, tuple[list[str], list[tuple[str, RunConfig]]]], first: list[str],
+              preset: Preset) -> list[tuple[str, str, RunConfig]]:
+    """Every planned run, the columns named in ``first`` ahead of the rest, else in the preset's order.
+
+    Side by side, the longest runs should start first (longest-processing-time order): four runs
+    of one hour and one of 1.5 hours end after 3.5 hours on two lanes in the preset's order (the
+    long one last), after 3 hours with it first.
+    """
+    if unknown := sorted(set(first) - set(preset.rules)):
+        raise ValueError(f"budget key first: unknown column(s) {unknown}; available: {', '.join(preset.rules)}")
+    order = [(cell_id, column, cfg) for cell_id, (_, runs) in planned.items() for column, cfg in runs]
+    return sorted(order, key=lambda run: run[1] not in first)  # stable: the preset's order otherwise
 
 
 def collect(results: dict[str, Any], planned: dict[str, tuple[list[str], list[tuple[str, RunConfig]]]],
