@@ -212,3 +212,5 @@ def test_a_budget_starts_the_columns_it_names_first(tmp_path):
                          [(column, cfg.seed) for _, column, cfg in run_order(planned, [], preset)] if c != "dfa-product"]
     with pytest.raises(ValueError, match="unknown column"):
         run_order(planned, ["nope"], preset)
+    with pytest.raises(ValueError, match="must be a list of columns"):
+        run_order(planned, "dfa", preset)  # not read as the columns d, f, a

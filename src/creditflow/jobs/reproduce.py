@@ -175,6 +175,8 @@ def run_order(planned: dict[str, tuple[list[str], list[tuple[str, RunConfig]]]],
     of one hour and one of 1.5 hours end after 3.5 hours on two lanes in the preset's order (the
     long one last), after 3 hours with it first.
     """
+    if not isinstance(first, list):
+        raise ValueError(f"budget key first must be a list of columns, e.g. [{preset.rules[0]}]; got {first!r}")
     if unknown := sorted(set(first) - set(preset.rules)):
         raise ValueError(f"budget key first: unknown column(s) {unknown}; available: {', '.join(preset.rules)}")
     order = [(cell_id, column, cfg) for cell_id, (_, runs) in planned.items() for column, cfg in runs]
