@@ -41,8 +41,19 @@ def test_packaged_presets_validate_and_name_only_reported_rules(name):
         assert set(cell.paper) <= set(preset.rules)
         for budget in budget_names(preset):
             columns, runs = cell_runs(preset, cell, ReproduceOptions(budget=budget))
-            assert columns == [r for r in preset.rules if r in cell.paper]
+            covered = preset.budgets[budget].get("columns", preset.rules)  # a budget may cover some columns
+            assert columns == [r for r in preset.rules if r in cell.paper and r in covered]
             assert all(c.download == (budget == "full") for _, c in runs)
+
+
+def test_a_budget_covers_its_columns_unless_the_command_names_others():
+    preset = load_preset("asap-table-5.2")
+    cell = next(c for c in preset.cells if c.id == "cifar10-resnet18")
+    columns, runs = cell_runs(preset, cell, ReproduceOptions(budget="cpu-long"))
+    assert columns == ["bp", "kp", "asap"] and {c.epochs for _, c in runs} == {20}
+    assert cell_runs(preset, cell, ReproduceOptions(budget="cpu-long", columns="fa"))[0] == ["fa"]
+    with pytest.raises(ValueError, match=r"unknown column\(s\) \['xx'\]"):
+        cell_runs(preset, cell, ReproduceOptions(budget="cpu-long", columns="xx"))
 
 
 def test_las_presets_use_the_papers_protocol():

@@ -121,8 +121,9 @@ def load_preset(name: str) -> Preset:
 
 
 #: budget keys that describe the budget rather than set a run's config (``first``: columns whose
-#: runs start first, the longest ones, so that the ``jobs`` lanes end near each other)
-BUDGET_META = ("seeds", "minutes", "jobs", "cells", "probe_every", "first")
+#: runs start first, the longest ones, so that the ``jobs`` lanes end near each other; ``cells`` and
+#: ``columns``: the part of the table a budget covers, when the command names none)
+BUDGET_META = ("seeds", "minutes", "jobs", "cells", "columns", "probe_every", "first")
 
 
 def budget_names(preset: Preset) -> list[str]:

@@ -82,7 +82,7 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
     for key in BUDGET_META:  # what describes the budget is no run setting, wherever it was written
         budget.pop(key, None)
     budget_model_options = preset.budgets.get(f"{opts.budget}_model_options", {})
-    wanted = set(opts.columns.split(",")) if opts.columns else None
+    wanted = wanted_columns(preset, opts)
     columns = [c for c in preset.rules if c in cell.paper and (wanted is None or c in wanted)]
     out = opts.out_dir(preset)
     runs = []
@@ -102,6 +102,21 @@ def cell_runs(preset: Preset, cell: Cell, opts: ReproduceOptions) -> tuple[list[
     return columns, runs
 
 
+def wanted_columns(preset: Preset, opts: ReproduceOptions) -> set[str] | None:
+    """The columns asked for (``--columns``), else those the budget covers, else None (all)."""
+    if opts.columns:
+        wanted = opts.columns.split(",")
+    else:
+        wanted = budget_of(preset, opts.budget).get("columns")
+        if wanted is not None and not isinstance(wanted, list):
+            raise ValueError(f"budget key columns must be a list, e.g. [{preset.rules[0]}]; got {wanted!r}")
+    if wanted is None:
+        return None
+    if unknown := sorted(set(wanted) - set(preset.rules)):
+        raise ValueError(f"unknown column(s) {unknown}; available: {', '.join(preset.rules)}")
+    return set(wanted)
+
+
 def dataset_missing(cell: Cell, opts: ReproduceOptions) -> str | None:
     """None if the cell's dataset can be loaded (quick: without downloading), else why not."""
     try:
@@ -119,8 +134,7 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
     wanted = set(opts.cells.split(",")) if opts.cells else set(budget.get("cells", [])) or None
     if wanted and (unknown := wanted - {c.id for c in preset.cells}):
         raise ValueError(f"unknown cell(s) {sorted(unknown)}; available: {', '.join(c.id for c in preset.cells)}")
-    if opts.columns and (unknown := set(opts.columns.split(",")) - set(preset.rules)):
-        raise ValueError(f"unknown column(s) {sorted(unknown)}; available: {', '.join(preset.rules)}")
+    wanted_columns(preset, opts)  # unknown columns refused before anything loads
     results: dict[str, Any] = {"preset": preset.name, "budget": opts.budget, "cells": {}}
     missing_data: dict[str, str] = {}
     planned: dict[str, tuple[list[str], list[tuple[str, RunConfig]]]] = {}
