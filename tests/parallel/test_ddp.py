@@ -28,7 +28,7 @@ SIZES = (8, 8, 7)  # global batches; 7 is cut 4 + 3: shard-size weighting
 
 def build(spec, kind="mlp"):
     name, options = cf.rules.parse_spec(spec)
-    associated = RULES.get(name).builder.needs_folded_model
+    associated = RULES.get(name).builder.model_refusal(tiny_mlp()) is not None and name != "dtp"
     if associated:
         model = tiny_associated("mlp" if kind == "mlp" else "cnn", batch_norm=kind == "cnn-bn")
     else:

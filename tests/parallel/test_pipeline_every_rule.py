@@ -44,7 +44,7 @@ def one_process(rule, data, optimizer):
     return correct
 
 
-PIPELINED = [n for n in cf.rules.available() if RULES.get(n).builder.pipelinable]
+PIPELINED = [n for n in cf.rules.available() if RULES.get(n).builder.pipeline_refusal() is None]
 LOCKED = [n for n in cf.rules.available() if n not in PIPELINED]
 
 

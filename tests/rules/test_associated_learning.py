@@ -129,7 +129,8 @@ def test_inference_is_h1_to_hL_after_bL_after_fL_to_f1():
     assert rule.model is net
     out = rule.step(x, y)  # before the optimizer moves anything: the logits are eq. 4.8's output
     torch.testing.assert_close(out.logits, composed.detach())
-    torch.testing.assert_close(rule(x), composed)
+    with torch.no_grad():  # outside training, rule(x) is the inference network
+        torch.testing.assert_close(rule(x), composed)
     torch.testing.assert_close(net.inference_model()(x), composed)
     # The inference network holds the effective parameters only: every f_i and h_i, and b_L.
     keys = set(net.inference_model().state_dict())

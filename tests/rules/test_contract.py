@@ -17,9 +17,15 @@ AL_MODELS = {"mlp": lambda: tiny_associated("mlp"), "cnn": lambda: tiny_associat
              "cnn-bn": lambda: tiny_associated("cnn", batch_norm=True)}
 
 
+def needs_folded(rule_name):
+    """Does the rule train folded (associated-learning) models only? Read from its model refusal."""
+    why = RULES_REGISTRY.get(rule_name).builder.model_refusal(tiny_mlp())
+    return why is not None and "folded" in why
+
+
 def make_model(rule_name, model_name):
     """The tiny model of that kind; a rule that needs a folded model (AL) gets its tiny twin of that type."""
-    needs = RULES_REGISTRY.get(rule_name).builder.needs_folded_model
+    needs = needs_folded(rule_name)
     return (AL_MODELS if needs else MODELS)[model_name]()
 
 
@@ -94,7 +100,7 @@ def test_rules_work_on_a_users_own_sequential():
                                 torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()),
                                 torch.nn.Linear(8, 2))
     for name in RULES:
-        if RULES_REGISTRY.get(name).builder.needs_folded_model:  # AL: its own models
+        if needs_folded(name):  # AL: its own models
             with pytest.raises(ValueError, match="needs a folded .associated-learning. model"):
                 cf.rules.build(name, copy.deepcopy(model), num_classes=2)
             continue
@@ -118,7 +124,7 @@ def test_layers_stay_what_they_were_and_the_plain_network_comes_back(rule_name):
     rule.step(*batch(model.input_shape))
     opt.step()
     plain = rule.plain_model()
-    target = fresh.inference_model() if RULES_REGISTRY.get(rule_name).builder.needs_folded_model else fresh
+    target = fresh.inference_model() if needs_folded(rule_name) else fresh
     target.load_state_dict(plain.state_dict(), strict=True)
     assert [type(m) for m in plain.modules()] == [type(m) for m in target.modules()]
     x, _ = batch(model.input_shape)

@@ -82,7 +82,7 @@ def lag(stage: Stage, schedule: str) -> int:
     """How many micro-batches old the error a stage uses is (0: the batch it just forwarded)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; available: {', '.join(SCHEDULES)}")
-    if schedule == "sync" or not stage.needs_output:
+    if schedule == "sync" or not stage.waits_for_error:
         return 0
     return stage.num_stages - 1 - stage.index
 
@@ -271,7 +271,7 @@ class Runner:
                     correct += (prediction.argmax(-1) == y).sum()
                 else:
                     links.send_decode(prediction)
-            elif not stage.needs_output:
+            elif not stage.waits_for_error:
                 part = self._update(record, pairs, None, metric_sums)
             else:
                 part = None
@@ -484,7 +484,7 @@ class PipelineStrategy(Strategy):
         from ..registry import RULES
         from ..rules.base import BACKWARD_LOCKED
 
-        if not RULES.get(cfg.rule).builder.pipelinable:  # fail before spawning; the stage count is checked there
+        if RULES.get(cfg.rule).builder.pipeline_refusal() is not None:  # fail before spawning; the stage count is checked there
             raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: {BACKWARD_LOCKED}; the pipeline runs "
                              f"{', '.join(pipelinable_rules())}")
         device = resolve_device(cfg.device)

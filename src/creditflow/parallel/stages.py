@@ -8,7 +8,7 @@ on a per-unit cost (parameter count, or measured step time).
 Every process builds the *whole* rule from the same seed (so every stage starts from the weights
 the single-process trainer would have), then keeps a :class:`Stage` over its own units. A stage
 runs the rule's own parts on its range (``forward_units``, ``output_error``, ``backward_units``,
-``prediction``, ``decode_units``, ``before_step``/``after_step``): nothing of a rule's update is
+``prediction``, ``decode_units``, ``before_step``/``after_backward``): nothing of a rule's update is
 written here, so a rule cannot behave differently in a stage.
 """
 
@@ -32,7 +32,7 @@ BALANCES = ("params", "time")
 def check_pipelinable(rule: Rule, stages: int | None = None, name: str | None = None) -> None:
     """One-line ValueError if ``rule`` cannot run as a pipeline (of ``stages`` stages)."""
     name = name or type(rule).__name__
-    refusal = rule.pipeline_refusal()
+    refusal = type(rule).pipeline_refusal(rule)
     if refusal:
         raise ValueError(f"rule {name!r} cannot be pipelined: {refusal}; the pipeline runs {', '.join(pipelinable_rules())}")
     if stages is not None:
@@ -46,7 +46,7 @@ def check_pipelinable(rule: Rule, stages: int | None = None, name: str | None = 
 def pipelinable_rules() -> list[str]:
     from ..registry import RULES
 
-    return [n for n in RULES.available() if RULES.get(n).builder.pipelinable]
+    return [n for n in RULES.available() if RULES.get(n).builder.pipeline_refusal() is None]
 
 
 def unit_owned(rule: UnitRule) -> list[list[nn.Module]]:
@@ -194,7 +194,7 @@ class Stage:
         ids = {id(t) for m in self.owned for t in (*m.parameters(), *m.buffers())}
         self.owned_names = [n for n, t in rule.state_dict(keep_vars=True).items() if id(t) in ids]
         #: does this stage wait for the last stage's output error before it can update?
-        self.needs_output = not self.is_last and rule.waits_for_error(self.units)
+        self.waits_for_error = not self.is_last and rule.waits_for_error(self.units)
         self.device = torch.device("cpu")
 
     def param_groups(self, local_lr: float | None = None) -> list[dict]:
@@ -224,7 +224,7 @@ class Stage:
         the stage's weights, which autograd keeps; their gradients go to the live weights.
         """
         self.rule.before_step()
-        with stashed(self.owned, stash) as pairs, self.rule.forward_context():
+        with stashed(self.owned, stash) as pairs, self.rule.forward_context(inputs[0]):
             record, send = self.rule.forward_units(self.units, inputs, y)
         return record, pairs, send
 
@@ -234,7 +234,7 @@ class Stage:
         for p, snap in pairs:
             if snap.grad is not None:
                 p.grad = snap.grad
-        self.rule.after_step()
+        self.rule.after_backward(1.0)
         return part
 
 

@@ -451,9 +451,9 @@ class _LocalFA(LocalClassifier):
         return [Bc.feedback(self.local_error.error(A(h.detach()), target)[1])
                 for A, Bc, h in zip(self.classifiers[part], self.classifier_feedback[part], outputs)]
 
-    def after_step(self):
-        super().after_step()
-        kp_decay_(self.layers, self.kp_decay)  # as kp: the same L2 decay on W and B
+    def after_backward(self, scale):
+        super().after_backward(scale)
+        kp_decay_(self.layers, self.kp_decay * scale)  # as kp: the same L2 decay on W and B
 
 
 @register_rule("asfp-lc", summary="asfp inside blocks cut apart, each trained by its own local classifier (FA)",

@@ -8,7 +8,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from ..mechanisms.modes import eval_mode
-from ..models.associated import REDUCTIONS, AssociatedNet
+from ..models.associated import REDUCTIONS
 from ..registry import MODELS, register_rule
 from .base import UnitRule, UnitsRecord
 
@@ -46,20 +46,22 @@ class AL(UnitRule):
     Differences from the paper: none in the algorithm; see docs/rules.md for the choices it leaves open.
     """
 
-    needs_folded_model = True
-    needs_output_error = False  # every component learns from its own two losses
+    uses_output_error = False  # every component learns from its own two losses
+    hidden_waits_for_error = False
+    needs_target = True  # t_0 = onehot(y)
+    linear_in_loss = False  # the caller's loss is not used: AL's own losses, once per forward
     prediction_runs_down = True  # y_hat comes back down through the decoders h_L .. h_1
 
     @classmethod
     def model_refusal(cls, model: nn.Module) -> str | None:
-        refusal = super().model_refusal(model)
-        return f"{refusal} ({al_models()})" if refusal else None
+        if not getattr(model, "folded", False):
+            return f"needs a folded (associated-learning) model, got {type(model).__name__} ({al_models()})"
+        return None
 
     def __init__(self, model: nn.Module, num_classes: int, assoc_weight: float = 1.0, ae_weight: float = 1.0,
                  reduction: str = "mean"):
-        if not isinstance(model, AssociatedNet):
-            raise ValueError(f"rule 'al' needs an associated-learning model ({al_models()}), "
-                             f"got {type(model).__name__}")
+        if self.model_refusal(model):
+            raise ValueError(f"rule 'al' {self.model_refusal(model)}")
         if model.num_classes != num_classes:
             raise ValueError(f"the model's label side has {model.num_classes} classes, the rule {num_classes}")
         for name, w in (("assoc_weight", assoc_weight), ("ae_weight", ae_weight)):
@@ -98,15 +100,23 @@ class AL(UnitRule):
             {n: p.detach().clone() for n, p in self.model.components[i].h.named_parameters()} for i in units]
         return UnitsRecord(units, y, outs, None, kept), (s.detach(), t.detach())
 
-    def backward_units(self, record, error):
-        assoc = torch.stack([o.assoc_loss for o in record.outputs])  # (units,)
-        ae = torch.stack([o.ae_loss for o in record.outputs])
-        total = self.assoc_weight * assoc.sum() + self.ae_weight * ae.sum()
-        total.backward()
+    def anchors(self, record):
+        return [t for o in record.outputs for t in (o.assoc_loss, o.ae_loss)]
+
+    def unit_gradients(self, record, error, own=True, scale=1.0):
+        # Every component's two losses, seeded with their weights: the cuts make it one backward
+        # per component; the caller's output error is not used (AL has no output loss).
+        assoc = torch.stack([o.assoc_loss.detach() for o in record.outputs])  # (units,)
+        ae = torch.stack([o.ae_loss.detach() for o in record.outputs])
+        part = self.assoc_weight * assoc.sum() + self.ae_weight * ae.sum()
         first = record.units.start + 1
-        self._metrics = {**{f"assoc_loss/{i}": v for i, v in enumerate(assoc.detach(), first)},
-                         **{f"ae_loss/{i}": v for i, v in enumerate(ae.detach(), first)}}
-        return total.detach()
+        self._metrics = {**{f"assoc_loss/{i}": v for i, v in enumerate(assoc, first)},
+                         **{f"ae_loss/{i}": v for i, v in enumerate(ae, first)}}
+        if not own:
+            return [], part
+        pairs = [(t, torch.full_like(t, w * scale) if isinstance(scale, (int, float)) else torch.full_like(t, w) * scale)
+                 for o in record.outputs for t, w in ((o.assoc_loss, self.assoc_weight), (o.ae_loss, self.ae_weight))]
+        return pairs, part
 
     def prediction(self, record, error):
         """From ``b_L(s_L)`` down through this range's decoders (the weights are still the forward's)."""

@@ -1,19 +1,26 @@
 """Rule: the contract every credit-assignment rule follows.
 
 A rule wraps a model, may own extra tensors (feedback matrices, local modules), and exposes
-every trainable tensor through ``parameters()`` so any ``torch.optim`` optimizer, scheduler,
-AMP or DDP works unchanged. ``step(x, y)`` runs the forward pass and fills ``.grad``; the
-caller steps the optimizer. Inference is the plain model: ``rule.model(x)``.
+every trainable tensor through ``parameters()`` so any ``torch.optim`` optimizer, scheduler or
+``GradScaler`` works unchanged. It is used like autograd (docs/own-loop.md):
+
+    out = rule(x)                  # the forward the update needs (cut blocks, a shared activation...)
+    loss = any_loss(out, target)   # any scalar loss, any output shape
+    loss.backward()                # or rule.backward(loss, scale=...): fills .grad as the rule prescribes
+
+``rule.step(x, y)`` is the same path with the rule's default loss. Inference is the plain model:
+``rule.model(x)``, or ``rule(x)`` in eval mode or under ``torch.no_grad()``.
 
 The step is written once, as parts (see docs/design.md, "One owner for every update"):
 
 - hooks: :meth:`Rule.before_step` (``B`` re-made from ``W``), :meth:`Rule.forward_context`
-  (what feedback layers read in this forward: a shared activation), :meth:`Rule.after_step`
+  (what feedback layers read in this forward: a shared activation), :meth:`Rule.after_backward`
   (on the filled ``.grad``: Kolen-Pollack's decay; after it: a mirror phase, a redraw);
-- units (the rules without backward locking): :meth:`Rule.forward_units` runs a contiguous
-  range of units on cut inputs, :meth:`Rule.backward_units` fills ``.grad`` of that range from
-  its signal or local loss. ``step`` runs all units as one range; a pipeline stage runs its own
-  range with the same two calls, so a rule cannot behave differently in a stage.
+- units (the rules without backward locking): :meth:`UnitRule.forward_units` runs a contiguous
+  range of units on cut inputs, :meth:`UnitRule.unit_gradients` gives the gradient each of the
+  range's tensors receives from its signal or local loss. The output tap (mechanisms/tap.py)
+  runs all units as one range; a pipeline stage runs its own range with the same two calls, so a
+  rule cannot behave differently in a stage.
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ from torch import Tensor, nn
 
 from ..mechanisms import (
     BoundaryCut,
+    after_backward,
     Segment,
     block_output_shapes,
     downstream_product,
     get_loss,
     inject,
     run_cut,
+    tap,
 )
 from ..mechanisms.modes import eval_mode
 
@@ -43,18 +52,18 @@ class StepResult(NamedTuple):
 
 
 class OutputError(NamedTuple):
-    """What the last unit sends every unit that waits for it: ``e = dL/dlogits`` and the logits."""
+    """What the last unit sends every unit that waits for it: ``e = dL/d out`` and the output."""
 
-    loss: Tensor  # scalar, detached
-    e: Tensor  # (N, C)
-    logits: Tensor  # (N, C), detached
+    loss: Tensor | None  # scalar, detached; None when the caller's own loss made ``e``
+    e: Tensor  # (N, ..., C): the output's shape
+    logits: Tensor  # the output, detached
 
 
 class UnitsRecord(NamedTuple):
     """What :meth:`Rule.forward_units` keeps of a batch until :meth:`Rule.backward_units`."""
 
     units: range
-    y: Tensor  # (N,) class indices
+    y: Tensor | None  # (N,) class indices; None where the rule needs no target
     outputs: list[Any]  # per unit in ``units``: its output with graph (a block's h_i; an AL component's losses)
     logits: Tensor | None  # with graph, when ``units`` holds the last unit
     #: anything else the rule keeps (AL: the decoders' weights, to decode this batch later)
@@ -66,47 +75,70 @@ BACKWARD_LOCKED = ("its layers are backward-locked: each waits for the error of 
                    "could not update before every later stage had; use --parallel ddp")
 
 
+class _Forward:
+    """What one training forward keeps for its backward(s): whether the rule's own terms (its own
+    losses, target-driven signals, after-backward work) were applied yet, and the step's loss part."""
+
+    __slots__ = ("own_done", "part")
+
+    def __init__(self):
+        self.own_done = False
+        self.part: Tensor | None = None
+
+    def take_own(self) -> bool:
+        """True on the first backward through this forward: the rule's own terms go in once."""
+        first, self.own_done = not self.own_done, True
+        return first
+
+
 class Rule(nn.Module):
     """Base rule: plain back-propagation through ``model``.
 
     Args:
-        model: any ``nn.Module`` that returns the logits (N, C); a ``BlockNet`` or an
-            ``nn.Sequential`` whose last child is the head for direct rules without ``blocks``.
-        num_classes: C, the size of the output error ``e``.
-        loss: ``"cross-entropy"`` (softmax) or ``"mse"`` (on one-hot targets).
+        model: any ``nn.Module``; its output ``out`` may have any shape (N, ..., C) for the
+            caller's own loss. Direct rules without ``blocks`` need an ``nn.Sequential`` whose last
+            child is the head.
+        num_classes: C, the size of the output's last axis (the output error ``e``).
+        loss: the default loss of :meth:`step`: ``"cross-entropy"`` (softmax) or ``"mse"`` (on
+            one-hot targets). Your own loop may use any loss (:meth:`backward`).
     """
 
     #: buffers the rule itself rewrites (sign-symmetric feedback tracks W); all others stay fixed
     mutable_buffers: tuple[str, ...] = ()
-    #: its units can train on separate processes (:class:`UnitRule`); see :meth:`pipeline_refusal`
-    pipelinable = False
-    #: a folded network (Associated Learning's) is trained by its own rule or end to end by BP only
-    trains_folded_models = False
-    needs_folded_model = False
+    #: the forward needs the class target: ``rule(x, y)`` (DRTP's signals, local classifiers, LTAS, AL)
+    needs_target = False
+    #: every gradient is linear in ``e = dL/d out``: accumulation and loss scaling act as in autograd
+    #: (False: the rule's own losses or targets drive some tensors; see :meth:`backward`'s ``scale``)
+    linear_in_loss = True
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy"):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        refusal = type(self).model_refusal(model)
+        if refusal:
+            raise ValueError(f"{type(self).__name__} {refusal}")
         self.model = model
         self.num_classes = num_classes
         self.loss = get_loss(loss)
+        self._scale: float | Tensor = 1.0  # the caller's loss scale, inside backward() only
 
     # -- what the rule accepts ----------------------------------------------------------------
 
     @classmethod
     def model_refusal(cls, model: nn.Module) -> str | None:
-        """Why this rule cannot train ``model`` (None: it can). ``rules.build`` raises it as one line."""
-        folded = bool(getattr(model, "folded", False))
-        if cls.needs_folded_model and not folded:
-            return f"needs a folded (associated-learning) model, got {type(model).__name__}"
-        if folded and not (cls.needs_folded_model or cls.trains_folded_models):
+        """Why this rule cannot train ``model`` (None: it can). ``rules.build`` raises it as one line.
+
+        A folded (associated-learning) network is refused here; ``bp`` and ``al`` override it."""
+        if getattr(model, "folded", False):
             return ("cannot train a folded (associated-learning) model; use rule 'al' (or 'bp' end to end), or "
                     "the matched BP model (mlp, vanilla-cnn, vgg, resnet20, resnet32)")
         return None
 
-    def pipeline_refusal(self) -> str | None:
-        """Why this rule cannot be split into pipeline stages (None: it can, at :meth:`pipeline_cuts`)."""
+    @classmethod
+    def pipeline_refusal(cls, rule: Rule | None = None) -> str | None:
+        """Why this rule (class, or a built ``rule`` of it) cannot be split into pipeline stages; None:
+        it can, at :meth:`UnitRule.pipeline_cuts`."""
         return BACKWARD_LOCKED
 
     # -- the optimizer's view -------------------------------------------------------------------
@@ -124,9 +156,6 @@ class Rule(nn.Module):
     def self_trained(self) -> list[nn.Parameter]:
         """Tensors the rule updates itself inside ``step`` (LAS/LTAS ``update_first``), outside the optimizer."""
         return []
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
 
     def local_parameters(self) -> list[nn.Parameter]:
         """Trainable tensors the rule owns beside the model (local modules, learned feedback)."""
@@ -197,26 +226,81 @@ class Rule(nn.Module):
                 out[name] = h
             return out
 
+    # -- the PyTorch face: forward, any loss, backward ------------------------------------------
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Tensor:
+        """Training (``rule.train()`` and grad enabled): the forward the update needs; any loss of its
+        output and a backward through it train by the rule. Otherwise: the plain network's output.
+
+        ``target`` (N,) class indices, for the rules that need it (``needs_target``)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return self.inference_model()(x)
+        return self.train_forward(x, target)[0]
+
+    def backward(self, loss: Tensor, *, scale: float | Tensor = 1.0, retain_graph: bool | None = None) -> None:
+        """``loss.backward()``, telling the rule the factor ``scale`` your loss carries beyond its plain
+        value (a ``GradScaler``'s scale; ``1/n`` for ``n`` accumulated micro-batches).
+
+        Gradients driven by ``e = dL/d out`` scale with the loss by themselves. What the rule adds
+        once per forward from its own objectives (LAS/LTAS modules, local classifiers, DRTP's target
+        signals, KP's decay, AL's and DTP's losses) is multiplied by ``scale``, so with
+        ``rule.backward(scaler.scale(loss), scale=scaler.get_scale())`` every gradient carries the
+        scale and ``scaler.unscale_`` / ``scaler.step`` are right. A plain ``loss.backward()`` is
+        ``scale=1``."""
+        self._scale = scale
+        try:
+            torch.autograd.backward(loss, retain_graph=retain_graph)
+        finally:
+            self._scale = 1.0
+
+    def check_target(self, target: Tensor | None) -> None:
+        if self.needs_target and target is None:
+            raise ValueError(f"{type(self).__name__} needs the class target in its forward: out = rule(x, y)")
+        if target is not None and (target.dtype not in (torch.int64, torch.int32) or target.ndim != 1):
+            raise ValueError(f"the target must be class indices of shape (N,), got {target.dtype} "
+                             f"{tuple(target.shape)}")
+
     # -- the step, as parts ---------------------------------------------------------------------
 
     def before_step(self) -> None:
         """Before the forward: feedback re-made from the current weights (AS, sign symmetry)."""
 
-    def forward_context(self, x: Tensor | None = None) -> ContextManager:
-        """Entered around the forward: what this step's feedback layers read (a shared activation)."""
+    def forward_context(self, x: Tensor) -> ContextManager:
+        """Entered around the forward of ``x`` (the first input of the units that run): what this
+        step's feedback layers read (a shared activation; a random forward path's activation)."""
         return contextlib.nullcontext()
 
-    def after_step(self) -> None:
-        """After ``.grad`` is filled, before the optimizer: KP decay; a mirror phase; a redraw."""
+    def after_backward(self, scale: float | Tensor) -> None:
+        """Once per forward, when its first backward has filled ``.grad`` (before the optimizer):
+        KP's decay (times ``scale``, as a term of the loss); a mirror phase; a redraw."""
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
+    def has_after_backward(self) -> bool:
+        return type(self).after_backward is not Rule.after_backward
+
+    def train_forward(self, x: Tensor, target: Tensor | None = None) -> tuple[Tensor, _Forward]:
+        """The training forward: the output (tapped where the rule acts in the backward) and its state."""
+        self.check_target(target)
         self.before_step()
         with self.forward_context(x):
-            logits = self.model(x)
-        loss = self.loss.value(logits, y)
+            out = self.model(x)
+        state = _Forward()
+        if not self.has_after_backward():
+            return out, state  # plain autograd is the whole rule (BP, FA, AS, FoA...)
+
+        def on_error(e: Tensor):
+            if state.take_own():
+                scale = self._scale
+                after_backward(lambda: self.after_backward(scale))
+            return e, []
+
+        return tap(out, on_error), state
+
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        """One training step's gradients with the default loss: ``rule(x, y)``, the loss, backward."""
+        out, _ = self.train_forward(x, y)
+        loss = self.loss.value(out, y)
         loss.backward()
-        self.after_step()
-        return StepResult(loss.detach(), logits.detach())
+        return StepResult(loss.detach(), out.detach())
 
 
 def placement(model: nn.Module) -> dict:
@@ -227,19 +311,22 @@ def placement(model: nn.Module) -> dict:
 
 class UnitRule(Rule):
     """A rule without backward locking: its network is a chain of units, each trained from what
-    it gets at its own boundary. Subclasses give the units' forward and backward on a range.
+    it gets at its own boundary. Subclasses give the units' forward and the gradients they receive.
 
-    ``step`` is the whole chain as one range; :mod:`creditflow.parallel.pipeline` runs ranges on
-    separate processes with the same calls.
+    The training forward runs the whole chain as one range behind the output tap; a pipeline stage
+    (:mod:`creditflow.parallel.stages`) runs its own range with the same calls.
     """
 
-    pipelinable = True
-    #: False where units train from their own inputs and the target alone (no output error)
-    needs_output_error = True
+    #: False where no unit learns from the output error (AL: every component has its own losses)
+    uses_output_error = True
+    #: True where hidden units update from this batch's output error, so they wait for it (DFA,
+    #: LAS); False where they need only their own output and the target (DRTP, local classifiers)
+    hidden_waits_for_error = True
     #: True where the prediction is formed on the way back down the units (AL's decoders)
     prediction_runs_down = False
 
-    def pipeline_refusal(self) -> str | None:
+    @classmethod
+    def pipeline_refusal(cls, rule: Rule | None = None) -> str | None:
         return None
 
     def num_units(self) -> int:
@@ -256,44 +343,94 @@ class UnitRule(Rule):
         """Unit boundaries where a stage may end (``i``: between unit i-1 and unit i)."""
         return set(range(1, self.num_units()))
 
-    def first_inputs(self, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    def first_inputs(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, ...]:
         return (x,)
 
-    def forward_units(self, units: range, inputs: Sequence[Tensor], y: Tensor) -> tuple[UnitsRecord, tuple[Tensor, ...]]:
+    def forward_units(self, units: range, inputs: Sequence[Tensor], y: Tensor | None
+                      ) -> tuple[UnitsRecord, tuple[Tensor, ...]]:
         """Run ``units`` on ``inputs`` (cut from the graph); return the record and what the next unit reads."""
         raise NotImplementedError
 
     def waits_for_error(self, units: range) -> bool:
         """Do these units need this batch's :class:`OutputError` before they can update?"""
-        return self.needs_output_error
+        return self.hidden_waits_for_error and units.start < self.num_units() - 1
 
     def output_error(self, record: UnitsRecord) -> OutputError | None:
-        """On the range holding the last unit: the loss and ``e`` sent to the units that wait for it."""
-        return None
+        """On the range holding the last unit, with the default loss: the loss and ``e`` (closed form)."""
+        if record.logits is None or not self.uses_output_error:
+            return None
+        loss, e = self.loss.error(record.logits, record.y)  # e = dL/dlogits: (N, C), no graph
+        return OutputError(loss, e, record.logits.detach())
 
-    def backward_units(self, record: UnitsRecord, error: OutputError | None) -> Tensor | None:
-        """Fill ``.grad`` of the range's tensors; return the range's part of ``StepResult.loss`` (or None)."""
+    def unit_gradients(self, record: UnitsRecord, error: OutputError | None, own: bool = True,
+                       scale: float | Tensor = 1.0) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor | None]:
+        """``([(tensor, its gradient)], loss part)`` for the range: what one backward gives each tensor.
+
+        ``error``: the output error (None where no unit of the range uses it). ``own``: add the
+        rule's own terms (its losses, target-driven signals), which go in once per forward, times
+        ``scale`` (see :meth:`Rule.backward`). The loss part is the range's share of
+        ``StepResult.loss`` where the rule has no output loss (AL), else None."""
         raise NotImplementedError
 
+    def backward_units(self, record: UnitsRecord, error: OutputError | None) -> Tensor | None:
+        """Fill ``.grad`` of the range's tensors in one backward; return the range's loss part."""
+        pairs, part = self.unit_gradients(record, error)
+        if pairs:
+            inject([t for t, _ in pairs], [g for _, g in pairs])
+        return part
+
+    def anchors(self, record: UnitsRecord) -> list[Tensor]:
+        """Tensors of the forward that receive their gradients in the caller's backward pass (the
+        tap's anchors): the hidden outputs ``h_i`` by default."""
+        return [o for o in record.outputs if isinstance(o, Tensor)]
+
     def prediction(self, record: UnitsRecord, error: OutputError | None) -> Tensor | None:
-        """The step's logits (N, C), detached, on the range holding the last unit."""
+        """The step's output, detached, on the range holding the last unit."""
         return error.logits if error is not None else None
 
     def decode_units(self, record: UnitsRecord, t: Tensor) -> Tensor:
         """``prediction_runs_down`` rules: carry the prediction down through the range's units."""
         raise NotImplementedError
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
+    def train_forward(self, x: Tensor, target: Tensor | None = None) -> tuple[Tensor, _Forward]:
+        self.check_target(target)
         self.before_step()
         units = range(self.num_units())
         with self.forward_context(x):
-            record, _ = self.forward_units(units, self.first_inputs(x, y), y)
-        error = self.output_error(record)
-        part = self.backward_units(record, error)
-        loss = error.loss if error is not None else part
-        logits = self.prediction(record, error)
-        self.after_step()
-        return StepResult(loss, logits)
+            record, _ = self.forward_units(units, self.first_inputs(x, target), target)
+        state = _Forward()
+        out = record.logits if record.logits is not None else self.prediction(record, None)
+        anchors = self.anchors(record)
+
+        def on_error(e: Tensor):
+            own = state.take_own()
+            scale = self._scale
+            error = OutputError(None, e, out.detach()) if self.uses_output_error else None
+            pairs, part = self.unit_gradients(record, error, own, scale)
+            if own:
+                state.part = part
+                if self.has_after_backward():
+                    after_backward(lambda: self.after_backward(scale))
+            grads = {id(t): g for t, g in pairs}
+            grad_out = grads.pop(id(record.logits), None) if record.logits is not None else None
+            anchor_grads = [grads.pop(id(a), None) for a in anchors]
+            # made in this backward (a local loss on detached outputs): a graph of its own
+            rest = [(t, g) for t, g in pairs if id(t) in grads]
+            if rest:
+                inject([t for t, _ in rest], [g for _, g in rest])
+            return grad_out, anchor_grads
+
+        return tap(out, on_error, anchors), state
+
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        out, state = self.train_forward(x, y)
+        if self.uses_output_error:
+            loss, e = self.loss.error(out, y)  # the closed form: no second graph for the default loss
+            torch.autograd.backward(out, e)
+        else:  # no output loss (AL): the backward reaches the tap for the rule's own losses
+            torch.autograd.backward(out, torch.zeros_like(out))
+            loss = state.part
+        return StepResult(loss, out.detach())
 
 
 def child_spans(model: nn.Module, names: Sequence[str] | str) -> list[nn.Module] | None:
@@ -335,9 +472,6 @@ class DirectRule(UnitRule):
     top_blocks = 1
     #: the rule's own ModuleLists with one entry per hidden block (LAS's local modules): unit i owns entry i
     per_block_modules: tuple[str, ...] = ()
-    #: False where hidden blocks' signals and local losses use only the target, not this batch's
-    #: output (DRTP, local classifiers): a pipeline stage then updates right after its own forward
-    signals_need_output = True
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy",
                  input_shape: tuple[int, ...] | None = None, blocks: Sequence[str] | None = None):
@@ -376,8 +510,9 @@ class DirectRule(UnitRule):
 
     # -- units ----------------------------------------------------------------------------------
 
-    def pipeline_refusal(self) -> str | None:
-        if self._cut is not None:
+    @classmethod
+    def pipeline_refusal(cls, rule: Rule | None = None) -> str | None:
+        if rule is not None and rule._cut is not None:
             return ("it was built with blocks=[names]: it runs the model's own forward, which cannot be cut "
                     "across processes; use an nn.Sequential of blocks")
         return None
@@ -404,7 +539,7 @@ class DirectRule(UnitRule):
         blocks = range(units.start, min(units.stop, len(self._hidden)))
         if self._cut is not None:
             if units != range(self.num_units()):
-                raise ValueError(self.pipeline_refusal())
+                raise ValueError(self.pipeline_refusal(self))
             logits, outputs = self._cut(h)  # the model's own forward, cut by hooks at the named outputs
             return UnitsRecord(units, y, outputs, logits), ()
         outputs = run_cut([self._hidden[i] for i in blocks], h)  # h_i, each block's input detached
@@ -413,36 +548,30 @@ class DirectRule(UnitRule):
         logits = self._top(outputs[-1].detach() if outputs else h.detach())
         return UnitsRecord(units, y, outputs, logits), ()
 
-    def waits_for_error(self, units: range) -> bool:
-        return self.signals_need_output and units.start < len(self._hidden)
-
-    def output_error(self, record):
-        if record.logits is None:
-            return None
-        loss, e = self.loss.error(record.logits, record.y)  # e = dL/dlogits: (N, C), no graph
-        return OutputError(loss, e, record.logits.detach())
-
-    def backward_units(self, record, error):
+    def unit_gradients(self, record, error, own=True, scale=1.0):
         blocks = range(record.units.start, record.units.start + len(record.outputs))
         y, outputs = record.y, record.outputs
         e = error.e if error is not None else None
         logits = error.logits if error is not None else None
         if e is None and outputs:  # rules whose signals need no output may still read e's shape and dtype
-            e = torch.zeros((), dtype=outputs[0].dtype, device=y.device).expand(len(y), self.num_classes)
-        self.before_signals(outputs, logits, y, blocks)
-        with torch.no_grad():
-            signals = self.signals(e, y, outputs, blocks) if outputs else []
-        local = self.local_loss(outputs, logits, y, blocks) if outputs else None
-        roots, grads = list(outputs), list(signals)
-        if record.logits is not None:
-            roots.insert(0, record.logits)
-            grads.insert(0, e)
-        if local is not None:
-            roots.append(local)
-            grads.append(torch.ones_like(local))
-        # One backward: the blocks from their signals, the top from e, local modules from their loss.
-        inject(roots, grads)
-        return None
+            e = torch.zeros((), dtype=outputs[0].dtype, device=outputs[0].device).expand(len(outputs[0]),
+                                                                                           self.num_classes)
+        target_driven = not self.hidden_waits_for_error  # DRTP, local classifiers: the rule's own term
+        if own:
+            self.before_signals(outputs, logits, y, blocks)
+        signals: list[Tensor | None] = [None] * len(outputs)
+        if outputs and (own or not target_driven):
+            with torch.no_grad():
+                signals = self.signals(e, y, outputs, blocks)
+            if target_driven and not _is_one(scale):
+                signals = [s * scale if s is not None else None for s in signals]
+        local = self.local_loss(outputs, logits, y, blocks) if own and outputs else None
+        pairs = list(zip(outputs, signals))
+        if record.logits is not None and error is not None:
+            pairs.insert(0, (record.logits, error.e))  # the top learns from e, as in BP
+        if local is not None:  # the rule-owned modules' loss, on detached outputs
+            pairs.append((local, torch.ones_like(local) if _is_one(scale) else torch.ones_like(local) * scale))
+        return pairs, None
 
     # -- what subclasses say ----------------------------------------------------------------------
 
@@ -482,6 +611,10 @@ class DirectRule(UnitRule):
                              "with blocks=[...] use feedback_init='random'")
         blocks = list(self.model.children())
         return [downstream_product(blocks[i + 1:]) for i in range(len(self._hidden))]
+
+
+def _is_one(scale) -> bool:
+    return isinstance(scale, (int, float)) and scale == 1
 
 
 def resolve_input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:

@@ -13,4 +13,6 @@ class BP(Rule):
     2. ``loss.backward()``: every layer gets ``W^T delta`` from the layer above.
     """
 
-    trains_folded_models = True  # an associated-learning net end to end, through its inference path
+    @classmethod
+    def model_refusal(cls, model):
+        return None  # any model; an associated-learning net end to end, through its inference path

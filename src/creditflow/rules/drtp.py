@@ -23,7 +23,9 @@ class DRTP(DFA):
     sign does not change the rule.) Options as DFA.
     """
 
-    signals_need_output = False  # B_i y* needs no output: a pipeline stage never waits
+    hidden_waits_for_error = False  # B_i y* needs no output: a pipeline stage never waits
+    needs_target = True
+    linear_in_loss = False  # the blocks' signals come from the target, once per forward
 
     def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[Tensor]:
         return self.feedback(F.one_hot(target, e.shape[1]).to(e.dtype).div_(-len(target)), blocks)

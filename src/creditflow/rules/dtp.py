@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..mechanisms import block_output_shapes, run_cut
+from ..mechanisms import block_output_shapes, run_cut, tap
 from ..registry import register_rule
-from .base import Rule, StepResult, placement, resolve_input_shape
+from .base import Rule, _Forward, _is_one, placement, resolve_input_shape
 
 #: activations of the inverses g_i (element-wise; "linear" is the identity)
 INVERSE_ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "leaky-relu": nn.LeakyReLU,
@@ -73,6 +73,8 @@ class DTP(Rule):
     (AL paper), Table 2.
     """
 
+    linear_in_loss = False  # the hidden targets are a non-linear function of e
+
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  target_lr: float = 0.327, noise: float = 0.36, inverse_activation: str = "tanh",
                  reduction: str = "mean", inverse_first: bool = False, inverse_lr: float = 1e-3):
@@ -133,12 +135,27 @@ class DTP(Rule):
             losses.append((g(fc) - c).pow(2).sum(-1))
         return losses
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
+    def train_forward(self, x: Tensor, target: Tensor | None = None):
+        self.check_target(target)
         hs = run_cut(self._hidden, x)  # h_1..h_k, each block's graph starts at its detached input
         top = hs[-1].detach().requires_grad_()
         logits = self._blocks[-1](top)  # the head
-        loss = self.loss.value(logits, y)
-        loss.backward()  # the head's true gradient; top.grad = dL/dh_k: (N, n_k)
+        state = _Forward()
+
+        def on_error(e: Tensor):
+            # e = dL/dlogits of the caller's loss: the head learns from it as in BP, every backward
+            if not state.take_own():
+                return e, []
+            scale = self._scale
+            # dL/dh_k through the head (the engine then sends e through it again for its weights)
+            (grad_top,) = torch.autograd.grad(logits, top, e, retain_graph=True)
+            self.update_hidden(hs, grad_top if _is_one(scale) else grad_top / scale, scale)
+            return e, []
+
+        return tap(logits, on_error), state
+
+    def update_hidden(self, hs: list[Tensor], grad_top: Tensor, scale) -> None:
+        """Steps 2-5 from ``dL/dh_k`` (of the plain loss): targets, then one backward over the losses."""
         inv = self.inverse_losses(hs)
         if self.inverse_first and inv:  # Algorithm 1's order: train g_i, then form targets with it
             params = list(self.inverse.parameters())
@@ -147,7 +164,7 @@ class DTP(Rule):
                 for p, grad in zip(params, grads):
                     p.add_(grad, alpha=-self.inverse_lr)
         with torch.no_grad():
-            t = hs[-1] - self.target_lr * top.grad  # ĥ_k
+            t = hs[-1] - self.target_lr * grad_top  # ĥ_k
             targets = [t]
             for g, h_i, h_prev in zip(reversed(self.inverse), reversed(hs[1:]), reversed(hs[:-1])):
                 t = h_prev + (g(t) - g(h_i))  # ĥ_{i-1}; the small difference first: ĥ = h when ĥ_i = h_i
@@ -157,11 +174,11 @@ class DTP(Rule):
         local = self._reduce(torch.stack(layer).sum(0))
         if inv and not self.inverse_first:
             local = local + self._reduce(torch.stack(inv).sum(0))
-        local.backward()  # one backward over every local loss: the graphs share no parameter
+        # one backward over every local loss (the graphs share no parameter), inside the caller's
+        local.backward(None if _is_one(scale) else torch.ones_like(local) * scale)
         self.targets = targets
         self._metrics = {**{f"target_loss/{i}": l.detach().mean() for i, l in enumerate(layer, 1)},
                          **{f"inverse_loss/{i}": l.detach().mean() for i, l in enumerate(inv, 2)}}
-        return StepResult(loss.detach(), logits.detach())
 
     def step_metrics(self) -> dict[str, Tensor]:
         """Per layer i: mean over the batch of ``||h_i - ĥ_i||²`` and of the inverse loss."""

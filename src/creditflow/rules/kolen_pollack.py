@@ -48,6 +48,8 @@ class KolenPollack(FA):
     def local_parameters(self) -> list[nn.Parameter]:
         return [layer.feedback for layer in self.layers if layer.feedback.requires_grad]
 
-    def after_step(self):
-        super().after_step()
-        kp_decay_(self.layers, self.kp_decay)  # L2 decay, the same on W and B
+    linear_in_loss = False  # the decay is the rule's own term, once per forward
+
+    def after_backward(self, scale):
+        super().after_backward(scale)
+        kp_decay_(self.layers, self.kp_decay * scale)  # L2 decay, the same on W and B

@@ -52,6 +52,7 @@ class LAS(DirectRule):
 
     top_blocks = 2  # the last hidden block gets the true W_L^T e
     per_block_modules = ("local",)
+    linear_in_loss = False  # the local modules learn from their own loss, once per forward
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  feedback_init: str = "random", local_kernel_size: int | None = None, local_pool: str = "avg",
@@ -123,6 +124,8 @@ class LTAS(LAS):
                  update_first: bool = False, local_lr: float = 1e-3, blocks=None, update_early: bool | None = None):
         super().__init__(model, num_classes, loss, input_shape, feedback_init, local_kernel_size, local_pool,
                          1.0, update_first if update_early is None else update_early, local_lr, blocks)
+
+    needs_target = True
 
     def local_target(self, logits: Tensor, target: Tensor):
         return target  # y*: the logits are not needed, so a pipeline stage may update before they exist

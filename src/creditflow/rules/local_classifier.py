@@ -45,7 +45,9 @@ class LocalClassifier(DirectRule):
 
     top_blocks = 1  # the head alone learns from the global error
     per_block_modules = ("classifiers",)
-    signals_need_output = False  # A_i^T e_i needs only h_i and y*
+    hidden_waits_for_error = False  # A_i^T e_i needs only h_i and y*
+    needs_target = True
+    linear_in_loss = False  # the blocks learn from their own classifiers' losses, once per forward
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  pool: int = 1, learn_classifier: bool = False, local_loss: str = "cross-entropy", blocks=None):

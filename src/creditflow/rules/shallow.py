@@ -20,7 +20,7 @@ class Shallow(DirectRule):
     """
 
     top_blocks = 2
-    signals_need_output = False  # frozen blocks get no signal
+    hidden_waits_for_error = False  # frozen blocks get no signal
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  blocks=None):

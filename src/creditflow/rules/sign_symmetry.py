@@ -77,11 +77,15 @@ class BRSF(SignSymmetry):
     """Batchwise Random-magnitude Sign-concordant Feedback: ``|M|`` is redrawn after every batch.
 
     Differences from the paper: none (a fixed ``|B0|``, as "B = |B0| sign(W)" reads, is frSF). ``M``
-    is drawn (global RNG) after the step's backward: the forward's dropout sees BP's random state.
+    is drawn (global RNG) when the first backward of each forward has finished: the forward's
+    dropout sees BP's random state, and data-parallel ranks take rank 0's draw with the other
+    rule-rewritten buffers. A second backward through the same forward uses the new ``B``.
     """
 
-    def after_step(self):
-        super().after_step()
+    linear_in_loss = False  # B is redrawn after the first backward of a forward
+
+    def after_backward(self, scale):
+        super().after_backward(scale)
         with torch.no_grad():
             for layer in self.layers:
                 layer.feedback.copy_(random_like_init(layer, self.feedback_scale))

@@ -29,10 +29,11 @@ class WeightMirror(FA):
 
     Differences from the paper: ``y`` is linear in ``x`` (the paper's small-noise regime; its
     sigmoid demo code, makrout/Deep-Learning-without-Weight-Transport ``fcnn/FCNN_WM.py``, applies
-    the layer's nonlinearity). The mirror follows the step's backward, so ``B`` mirrors the ``W``
-    that was just differentiated and the next step uses it; ``rule.mirror()`` called n times before
-    training gives the paper's initial mirroring. Noise comes from the global RNG, after the
-    step's forward (dropout sees the random state the step started with).
+    the layer's nonlinearity). The mirror phase follows the first backward of each forward, so ``B``
+    mirrors the ``W`` that was just differentiated and the next step uses it (a second backward
+    through the same forward already sees the mirrored ``B``); ``rule.mirror()`` called n times
+    before training gives the paper's initial mirroring. Noise comes from the global RNG, after
+    the step's forward (dropout sees the random state the step started with).
 
     References: Akrout et al. 2019, "Deep learning without weight transport", eq. 7 (numbered as
     in their code's comments); Woo 2023 (ASAP thesis), Sec. 2.3.
@@ -40,6 +41,7 @@ class WeightMirror(FA):
 
     #: B learns in mirror mode: the contract's "fixed feedback" check leaves it out
     mutable_buffers = ("feedback",)
+    linear_in_loss = False  # B is mirrored after the first backward of a forward
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy",
                  feedback_scale: float = 1.0, mirror_lr: float = 0.01, mirror_noise: float = 1.0,
@@ -61,8 +63,8 @@ class WeightMirror(FA):
         for layer in self.layers:
             layer.feedback.mul_(1 - self.decay).add_(mirror_product(layer, self.n, self.sigma), alpha=self.eta)
 
-    def after_step(self):
-        super().after_step()
+    def after_backward(self, scale):
+        super().after_backward(scale)
         self.steps += 1
         if self.steps % self.every == 0:
             self.mirror()
