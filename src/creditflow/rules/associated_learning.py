@@ -49,7 +49,6 @@ class AL(UnitRule):
     uses_output_error = False  # every component learns from its own two losses
     hidden_waits_for_error = False
     needs_target = True  # t_0 = onehot(y)
-    linear_in_loss = False  # the caller's loss is not used: AL's own losses, once per forward
     prediction_runs_down = True  # y_hat comes back down through the decoders h_L .. h_1
 
     @classmethod

@@ -107,8 +107,9 @@ class Rule(nn.Module):
     mutable_buffers: tuple[str, ...] = ()
     #: the forward needs the class target: ``rule(x, y)`` (DRTP's signals, local classifiers, LTAS, AL)
     needs_target = False
-    #: every gradient is linear in ``e = dL/d out``: accumulation and loss scaling act as in autograd
-    #: (False: the rule's own losses or targets drive some tensors; see :meth:`backward`'s ``scale``)
+    #: each backward adds a gradient linear in ``e = dL/d out``, plus the rule's own terms once per
+    #: forward (times ``scale``, :meth:`backward`), so backward calls add up as autograd's do. False:
+    #: DTP (its targets are non-linear in ``e``), brSF and WM (``B`` changes after the first backward)
     linear_in_loss = True
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy"):

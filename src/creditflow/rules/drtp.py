@@ -25,7 +25,6 @@ class DRTP(DFA):
 
     hidden_waits_for_error = False  # B_i y* needs no output: a pipeline stage never waits
     needs_target = True
-    linear_in_loss = False  # the blocks' signals come from the target, once per forward
 
     def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[Tensor]:
         return self.feedback(F.one_hot(target, e.shape[1]).to(e.dtype).div_(-len(target)), blocks)

@@ -48,7 +48,6 @@ class KolenPollack(FA):
     def local_parameters(self) -> list[nn.Parameter]:
         return [layer.feedback for layer in self.layers if layer.feedback.requires_grad]
 
-    linear_in_loss = False  # the decay is the rule's own term, once per forward
 
     def after_backward(self, scale):
         super().after_backward(scale)

@@ -52,7 +52,6 @@ class LAS(DirectRule):
 
     top_blocks = 2  # the last hidden block gets the true W_L^T e
     per_block_modules = ("local",)
-    linear_in_loss = False  # the local modules learn from their own loss, once per forward
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  feedback_init: str = "random", local_kernel_size: int | None = None, local_pool: str = "avg",

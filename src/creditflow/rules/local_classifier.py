@@ -47,7 +47,6 @@ class LocalClassifier(DirectRule):
     per_block_modules = ("classifiers",)
     hidden_waits_for_error = False  # A_i^T e_i needs only h_i and y*
     needs_target = True
-    linear_in_loss = False  # the blocks learn from their own classifiers' losses, once per forward
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  pool: int = 1, learn_classifier: bool = False, local_loss: str = "cross-entropy", blocks=None):
