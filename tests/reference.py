@@ -65,14 +65,15 @@ def mlp_forward(weights, biases, x):
     return hs, As, hs[-1] @ weights[-1].T + biases[-1]
 
 
-def mlp_direct_grads(weights, biases, x, y, feedback):
+def mlp_direct_grads(weights, biases, x, y, feedback, error=None):
     """Direct feedback on a ReLU MLP, from the DFA equations (Nøkland 2016, LAS eqs. 15-18).
 
     ``weights[i]``: (out, in); ``feedback[i]``: (C, n_i) or None, the signal of hidden layer i is
-    ``e @ feedback[i]``; the head learns from e. Returns (grads_W, grads_b).
+    ``e @ feedback[i]``; the head learns from e. ``error(logits)``: e = dL/dlogits of another loss
+    (default: the mean cross-entropy's). Returns (grads_W, grads_b).
     """
     hs, As, logits = mlp_forward(weights, biases, x)
-    e = output_error(logits, y)
+    e = output_error(logits, y) if error is None else error(logits)
     gW, gb = [], []
     for i, B in enumerate(feedback):
         delta = (e @ B) * (As[i] > 0).double()  # delta_i = (B_i e) * f'(a_i)

@@ -114,8 +114,8 @@ class BoundaryCut:
             raise ValueError(f"block boundaries {missing} did not run in the forward pass")
         if order != sorted(order):
             raise ValueError(f"block boundaries must be listed in forward order: {[self.names[i] for i in order]}")
-        if not isinstance(logits, Tensor) or logits.ndim != 2:
-            raise ValueError(f"the model must return logits (N, C) for a direct rule, got "
+        if not isinstance(logits, Tensor) or logits.ndim < 2:
+            raise ValueError(f"the model must return an output (N, ..., C) for a direct rule, got "
                              f"{type(logits).__name__}{tuple(logits.shape) if isinstance(logits, Tensor) else ''}")
         if logits.grad_fn is None and self.names:
             raise ValueError(f"nothing trainable follows the last block boundary {self.names[-1]!r}: the head "
@@ -130,13 +130,14 @@ class BoundaryCut:
                     "a path goes around a boundary (a skip connection) or a weight is shared; choose "
                     "boundaries every path passes through")
         return CutProbe([h.shape[1:] for h in outputs],
-                        [[p for p in self.model.parameters() if id(p) in ids] for ids in reached])
+                        [[p for p in self.model.parameters() if id(p) in ids] for ids in reached], logits.shape[1:])
 
 
 @dataclass
 class CutProbe:
     shapes: list[torch.Size]  # per-sample output shape of each block ending at a boundary
     parameters: list[list[nn.Parameter]]  # per block (the head last): the model parameters it trains
+    output_shape: torch.Size  # per-sample shape of the model's output: (..., C)
 
 
 def _leaves(t: Tensor) -> set[int]:
@@ -193,11 +194,13 @@ def inject(outputs: Sequence[Tensor], signals: Sequence[Tensor | None]) -> None:
 
 
 class DirectFeedback(nn.Module):
-    """Fixed matrices ``B_i`` that map a (N, C) vector to each block's output shape.
+    """Fixed matrices ``B_i`` that map an error vector of C to each block's output shape.
 
     All ``B_i`` live side by side in one (C, n_1 + ... + n_k) buffer ``weight``, so every block's
     signal comes from a single matmul ``v @ weight``; block i's part is a view of the product
-    reshaped to (N, *shape_i). ``matrices`` gives the per-block (C, n_i) views.
+    reshaped to (N, *shape_i). ``matrices`` gives the per-block (C, n_i) views. An error with
+    position axes, (N, T, C) of a language model, is projected at every position alike: ``shape_i``
+    is then the block's per-position shape (D,), as TinyDFA projects a Transformer's error.
     Default init: uniform in ``±scale/sqrt(n_i)``, the distribution of a transposed PyTorch
     Linear head at init, so the last hidden block's signal starts at BP's scale.
     """
@@ -226,13 +229,14 @@ class DirectFeedback(nn.Module):
         return [self.weight.narrow(1, a, n) for a, n in zip(starts, self.sizes)]
 
     def forward(self, v: Tensor, blocks: range | None = None) -> list[Tensor]:
-        """``v``: (N, C) -> one signal per block of ``blocks`` (default: all), each (N, *shape_i)."""
+        """``v``: (N, ..., C) -> one signal per block of ``blocks`` (default: all), each (N, ..., *shape_i)."""
         blocks = range(len(self.sizes)) if blocks is None else blocks
         start = sum(self.sizes[:blocks.start])
         sizes, shapes = self.sizes[blocks.start:blocks.stop], self.shapes[blocks.start:blocks.stop]
-        s = v @ self.weight.narrow(1, start, sum(sizes))  # (N, n_a + ... + n_b): one matmul
+        lead = v.shape[:-1]  # (N,), or (N, T) with position axes
+        s = v.reshape(-1, v.shape[-1]) @ self.weight.narrow(1, start, sum(sizes))  # (M, n_a + ... + n_b): one matmul
         # Each part is a strided view; splitting its contiguous last dim needs no copy.
-        return [part.view(v.shape[0], *shape) for part, shape in zip(s.split(sizes, dim=1), shapes)]
+        return [part.view(*lead, *shape) for part, shape in zip(s.split(sizes, dim=1), shapes)]
 
 
 FEEDBACK_INITS = ("random", "product")

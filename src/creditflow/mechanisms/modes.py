@@ -25,10 +25,14 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 def probe_batch(modules: nn.Module | Sequence[nn.Module], input_shape: Sequence[int], batch: int = 2) -> Tensor:
     """Zeros ``(batch, *input_shape)`` on the device and dtype of the first parameter of ``modules``
-    (CPU, default dtype, without one). Two samples by default: a layer that drops the batch axis shows."""
+    (CPU, default dtype, without one); token ids (int64) where the first module with parameters is an
+    ``nn.Embedding`` (a language model). Two samples by default: a layer that drops the batch axis shows."""
     modules = [modules] if isinstance(modules, nn.Module) else modules
-    first = next((p for m in modules for p in m.parameters()), None)
+    owner = next((m for top in modules for m in top.modules() if next(m.parameters(False), None) is not None), None)
+    first = next(owner.parameters(False)) if owner is not None else None
     place = {"device": first.device, "dtype": first.dtype} if first is not None else {}
+    if isinstance(owner, nn.Embedding):
+        place["dtype"] = torch.long
     return torch.zeros(batch, *input_shape, **place)
 
 

@@ -505,6 +505,7 @@ class DirectRule(UnitRule):
         split = max(len(names) + 1 - self.top_blocks, 0)  # k names make k + 1 blocks, the head last
         self._cut = BoundaryCut(model, names[:split])
         self._cut_shapes = probe.shapes[:split]
+        self._output_shape = probe.output_shape
         # Plain tuples, not submodules: the model owns the parameters; a Segment only lists them.
         self._hidden = tuple(Segment(n, model, ps) for n, ps in zip(names[:split], probe.parameters))
         self._top = None  # the model's own forward after the last cut
@@ -534,6 +535,35 @@ class DirectRule(UnitRule):
         if self._cut is not None:
             return list(self._cut_shapes)
         return block_output_shapes(self._hidden, self.input_shape)
+
+    def output_positions(self) -> tuple[int, ...]:
+        """The position axes ``P`` of the model's output (N, *P, C): () for one vector per sample,
+        (T,) for a sequence (a language model's (N, T, V)), read from a probe forward."""
+        if self._cut is not None:
+            shape = self._output_shape
+        else:
+            tops = list(self._top) if isinstance(self._top, nn.Sequential) else [self._top]
+            shape = block_output_shapes([*self._hidden, *tops], self.input_shape)[-1]
+        return tuple(shape[:-1])
+
+    def feedback_shapes(self) -> list[torch.Size]:
+        """Per hidden block, the shape a direct feedback matrix maps ``e``'s last axis to: the block's
+        output shape, less the output's position axes (a token block (T, D) under a (T, C) output:
+        (D,), the same ``B_i`` at every position; an image block under an (N, C) output: (C, H, W))."""
+        positions, shapes = self.output_positions(), self.hidden_output_shapes()
+        if not positions:
+            return shapes
+        for i, s in enumerate(shapes):
+            if tuple(s[:len(positions)]) != positions:
+                raise ValueError(f"block {i} outputs {tuple(s)} per sample, which does not start with the model "
+                                 f"output's positions {positions}: a per-position feedback needs token blocks")
+        return [s[len(positions):] for s in shapes]
+
+    def require_flat_output(self) -> None:
+        """One line for a rule whose signals need one output vector per sample (N, C)."""
+        if positions := self.output_positions():
+            raise ValueError(f"{type(self).__name__} needs one output vector per sample (N, C); this model outputs "
+                             f"(N, {', '.join(map(str, positions))}, C): dfa and shallow take outputs with positions")
 
     def forward_units(self, units, inputs, y):
         (h,) = inputs

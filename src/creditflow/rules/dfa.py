@@ -36,7 +36,7 @@ class DFA(DirectRule):
         super().__init__(model, num_classes, loss, input_shape, blocks)
         check_feedback_init(feedback_init)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.feedback = DirectFeedback(self.hidden_output_shapes(), num_classes, feedback_scale,
+        self.feedback = DirectFeedback(self.feedback_shapes(), num_classes, feedback_scale,
                                        gen).to(**placement(model))
         if feedback_init == "product":
             self.feedback.set_matrices(self.downstream_products())

@@ -26,5 +26,9 @@ class DRTP(DFA):
     hidden_waits_for_error = False  # B_i y* needs no output: a pipeline stage never waits
     needs_target = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.require_flat_output()  # y* is one class per sample
+
     def signals(self, e: Tensor, target: Tensor, outputs: list[Tensor], blocks: range) -> list[Tensor]:
         return self.feedback(F.one_hot(target, e.shape[1]).to(e.dtype).div_(-len(target)), blocks)

@@ -62,6 +62,7 @@ class LAS(DirectRule):
             raise ValueError(f"local_scale must be > 0, got {local_scale}")
         if update_first and not local_lr > 0:
             raise ValueError(f"local_lr must be > 0 with update_first, got {local_lr}")
+        self.require_flat_output()  # a module mimics one output vector per sample
         self.local_scale, self.update_first, self.local_lr = local_scale, update_first, local_lr
         self.local = nn.ModuleList(
             local_module(shape, num_classes, local_kernel_size or last_conv_kernel(block) or 3, local_pool)

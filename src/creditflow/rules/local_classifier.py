@@ -51,6 +51,7 @@ class LocalClassifier(DirectRule):
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "cross-entropy", input_shape=None,
                  pool: int = 1, learn_classifier: bool = False, local_loss: str = "cross-entropy", blocks=None):
         super().__init__(model, num_classes, loss, input_shape, blocks)
+        self.require_flat_output()  # a classifier per block: one class per sample
         self.local_error = get_loss(local_loss)
         self.learn_classifier = learn_classifier
         self.classifiers = nn.ModuleList(
