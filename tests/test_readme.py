@@ -15,7 +15,7 @@ def test_rules_table_lists_every_registered_rule():
 
 
 def test_python_example_runs():
-    code = re.search(r"## Python API\n\n```python\n(.*?)```", README, re.S).group(1)
+    code = re.search(r"## Python API\n\n.*?```python\n(.*?)```", README, re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (10, 10)

@@ -18,7 +18,7 @@ title: "A tiny table"
 paper: "nobody 2024"
 rules: [bp, shallow, dfa, dfa-product]
 columns:
-  dfa-product: {rule: dfa, feedback_init: product}
+  dfa-product: {rule: dfa, rule_options: {feedback_init: product}}
 cells:
   - {id: mini, dataset: fashion-mnist-mini, model: "mlp:784-16-16-10", paper: {bp: 0.8, dfa: 0.7, dfa-product: 0.75},
      settings: {bp: {lr: 0.01}}}
@@ -91,7 +91,7 @@ def test_quick_run_writes_report_and_skips_absent_data(tmp_path, monkeypatch):
     assert set(runs) == {"bp", "dfa", "dfa-product"} and all(len(v) == 2 for v in runs.values())  # no shallow
     import yaml
     saved = yaml.safe_load((out / "mini" / "dfa-product" / "seed0" / "config.yaml").read_text())
-    assert saved["rule"] == "dfa" and saved["feedback_init"] == "product" and saved["lr"] == 0.001
+    assert saved["rule"] == "dfa" and saved["rule_options"] == {"feedback_init": "product"} and saved["lr"] == 0.001
     assert yaml.safe_load((out / "mini" / "bp" / "seed0" / "config.yaml").read_text())["lr"] == 0.01
     assert (out / "mini" / "dfa" / "seed1" / "config.yaml").exists()
     assert json.loads((out / "results.json").read_text())["budget"] == "quick"
@@ -153,7 +153,7 @@ title: "Alignment while training"
 paper: "nobody 2024"
 rules: [dfa, dfa-product]
 columns:
-  dfa-product: {rule: dfa, feedback_init: product}
+  dfa-product: {rule: dfa, rule_options: {feedback_init: product}}
 cells:
   - {id: mini, dataset: fashion-mnist-mini, model: "mlp:784-16-16-10", paper: {dfa: null, dfa-product: null}}
 probe: {every: 1, at: pre-activation}

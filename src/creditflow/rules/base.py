@@ -254,7 +254,7 @@ class Rule(nn.Module):
         finally:
             self._scale = 1.0
 
-    def check_target(self, target: Tensor | None) -> None:
+    def _check_target(self, target: Tensor | None) -> None:
         if self.needs_target and target is None:
             raise ValueError(f"{type(self).__name__} needs the class target in its forward: out = rule(x, y)")
         if target is not None and (target.dtype not in (torch.int64, torch.int32) or target.ndim != 1):
@@ -275,17 +275,17 @@ class Rule(nn.Module):
         """Once per forward, when its first backward has filled ``.grad`` (before the optimizer):
         KP's decay (times ``scale``, as a term of the loss); a mirror phase; a redraw."""
 
-    def has_after_backward(self) -> bool:
+    def _has_after_backward(self) -> bool:
         return type(self).after_backward is not Rule.after_backward
 
     def train_forward(self, x: Tensor, target: Tensor | None = None) -> tuple[Tensor, _Forward]:
         """The training forward: the output (tapped where the rule acts in the backward) and its state."""
-        self.check_target(target)
+        self._check_target(target)
         self.before_step()
         with self.forward_context(x):
             out = self.model(x)
         state = _Forward()
-        if not self.has_after_backward():
+        if not self._has_after_backward():
             return out, state  # plain autograd is the whole rule (BP, FA, AS, FoA...)
 
         def on_error(e: Tensor):
@@ -394,7 +394,7 @@ class UnitRule(Rule):
         raise NotImplementedError
 
     def train_forward(self, x: Tensor, target: Tensor | None = None) -> tuple[Tensor, _Forward]:
-        self.check_target(target)
+        self._check_target(target)
         self.before_step()
         units = range(self.num_units())
         with self.forward_context(x):
@@ -410,7 +410,7 @@ class UnitRule(Rule):
             pairs, part = self.unit_gradients(record, error, own, scale)
             if own:
                 state.part = part
-                if self.has_after_backward():
+                if self._has_after_backward():
                     after_backward(lambda: self.after_backward(scale))
             grads = {id(t): g for t, g in pairs}
             grad_out = grads.pop(id(record.logits), None) if record.logits is not None else None

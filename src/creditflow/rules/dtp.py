@@ -136,7 +136,7 @@ class DTP(Rule):
         return losses
 
     def train_forward(self, x: Tensor, target: Tensor | None = None):
-        self.check_target(target)
+        self._check_target(target)
         hs = run_cut(self._hidden, x)  # h_1..h_k, each block's graph starts at its detached input
         top = hs[-1].detach().requires_grad_()
         logits = self._blocks[-1](top)  # the head

@@ -91,8 +91,6 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
 
     rule: str = Field("bp", description="credit-assignment rule (creditflow rules)")
     model: str = Field("mlp:784-1024-1024-10", description="model spec (creditflow models)")
-    feedback_init: Literal["random", "product"] | None = Field(
-        None, description="initial direct feedback of dfa/drtp/las/ltas: random, or product of the initial downstream weights")
     rule_options: dict[str, Any] = Field(default_factory=dict, description="extra rule arguments, key=value")
     model_options: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, key=value")
     seed: int = Field(0, ge=0, description="seed for init, split, data order and augmentation")
@@ -123,9 +121,8 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
         return Path(self.out or f"runs/{self.rule}-{self.dataset}-s{self.seed}-{config_key(self)}")
 
     def rule_arguments(self) -> dict[str, Any]:
-        """``rule_options`` plus the first-class rule flags that were set."""
-        extra = {"feedback_init": self.feedback_init} if self.feedback_init is not None else {}
-        return {**extra, **self.rule_options}
+        """The rule's own options (``--rule-option key=value``), e.g. ``feedback_init=product``."""
+        return dict(self.rule_options)
 
 
 class CompareConfig(RunConfig):
