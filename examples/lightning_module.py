@@ -58,12 +58,12 @@ def loaders(batch_size: int = 32):
             DataLoader(test, batch_size=256))
 
 
-def train(rule_name: str = "dfa", epochs: int = 2) -> float:
+def train(rule_name: str = "dfa", epochs: int = 2, accelerator: str = "cpu") -> float:
     """Fit with a Lightning Trainer on the embedded data; return the test accuracy."""
     L.seed_everything(0, verbose=False)
     module = RuleModule(rule_name)
     train_loader, test_loader = loaders()
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_loader)
     return trainer.validate(module, test_loader, verbose=False)[0]["val_acc"]
@@ -72,6 +72,8 @@ def train(rule_name: str = "dfa", epochs: int = 2) -> float:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rule", default="dfa", choices=cf.rules.available())
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu", help="a Lightning accelerator: cpu, gpu, auto")
+    parser.add_argument("--max-epochs", type=int, default=2)
     args = parser.parse_args()
-    print(f"{args.rule}: test accuracy {train(args.rule, args.epochs):.4f}")
+    accuracy = train(args.rule, args.max_epochs, args.accelerator)
+    print(f"{args.rule} in Lightning ({args.accelerator}): test accuracy {accuracy:.4f}")

@@ -123,3 +123,23 @@ def test_outside_training_the_rule_is_the_plain_network():
         torch.testing.assert_close(rule(x), rule.model(x))
     rule.eval()
     assert rule(x).grad_fn is None or rule(x).grad_fn.name() != "_OutputTapBackward"
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_a_grad_scaler_unscales_the_rules_gradients(name):
+    """``rule.backward(scaler.scale(loss), scale=scaler.get_scale())``, then ``scaler.unscale_``:
+    the gradients of an unscaled backward, and ``scaler.step``/``update`` run (torch's CPU scaler)."""
+    a, b = fresh_pair(name)
+    x, y = batch(a.model.input_shape)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    opt = torch.optim.SGD(a.param_groups(), lr=0.1)
+    torch.manual_seed(0)
+    loss = F.cross_entropy(forward(a, x, y), y)
+    a.backward(scaler.scale(loss), scale=scaler.get_scale())
+    scaler.unscale_(opt)
+    torch.manual_seed(0)
+    b.backward(F.cross_entropy(forward(b, x, y), y))
+    assert_same_grads(a, b, tol=1e-9)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 12  # finite gradients: the scale stays (growth after 2000 steps)
