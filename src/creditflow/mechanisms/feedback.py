@@ -41,6 +41,14 @@ def _trainable(feedback: Tensor) -> bool:
     return feedback.requires_grad and feedback.is_leaf
 
 
+def _like(grad_out: Tensor, *tensors: Tensor | None) -> list[Tensor | None]:
+    """``tensors`` in ``grad_out``'s dtype. Under autocast the layer computed in bfloat16/float16 from
+    float32 ``W``, ``B`` and activations; its backward does what autocast's own backward of the layer
+    does: the products in the gradient's (lower) precision. Autograd casts each returned gradient to
+    its input's dtype (a float32 weight gets a float32 ``.grad``)."""
+    return [t if t is None or t.dtype == grad_out.dtype else t.to(grad_out.dtype) for t in tensors]
+
+
 def _split_weight_grad(grad_w, need_w, need_B):
     """``(grad_weight, grad_feedback)`` from the one weight gradient ``delta a^T``.
 
@@ -69,6 +77,7 @@ class LinearFeedbackFn(torch.autograd.Function):
         feedback, a, x = ctx.saved_tensors
         if ctx.a_map is not None:
             a = ctx.a_map(a)  # (..., in): the activation matched to this layer's input
+        feedback, a, x = _like(grad_out, feedback, a, x)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         need_B = ctx.learn_B and ctx.needs_input_grad[3]
@@ -106,6 +115,7 @@ class Conv2dFeedbackFn(torch.autograd.Function):
         weight, feedback, a, x = ctx.saved_tensors
         if ctx.a_map is not None:
             a = ctx.a_map(a)  # (N, C_in, H, W): the activation matched to this layer's input
+        weight, feedback, a, x = _like(grad_out, weight, feedback, a, x)
         stride, padding, dilation, groups = ctx.conv
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
@@ -344,14 +354,16 @@ def mirror_product(layer: FeedbackLayer, n: int, std: float) -> Tensor:
     References: Akrout et al. 2019, mirror mode (their eq. 7).
     """
     W = layer.weight
-    if isinstance(layer, FeedbackLinear):
-        x = torch.randn(n, W.shape[1], dtype=W.dtype, device=W.device).mul_(std)  # (n, in)
-        return (x @ W.T).T @ x / n  # y: (n, out); y^T x: (out, in)
-    _, _, dilation, groups = layer.conv
-    extent = [d * (k - 1) + 1 for d, k in zip(dilation, W.shape[2:])]
-    x = torch.randn(n, W.shape[1] * groups, *extent, dtype=W.dtype, device=W.device).mul_(std)
-    y = F.conv2d(x, W, None, 1, 0, dilation, groups)  # (n, out, 1, 1)
-    return torch.nn.grad.conv2d_weight(x, W.shape, y, 1, 0, dilation, groups) / n
+    # B's own precision, also when the step ran under autocast (the mirror follows its backward)
+    with torch.autocast(W.device.type, enabled=False):
+        if isinstance(layer, FeedbackLinear):
+            x = torch.randn(n, W.shape[1], dtype=W.dtype, device=W.device).mul_(std)  # (n, in)
+            return (x @ W.T).T @ x / n  # y: (n, out); y^T x: (out, in)
+        _, _, dilation, groups = layer.conv
+        extent = [d * (k - 1) + 1 for d, k in zip(dilation, W.shape[2:])]
+        x = torch.randn(n, W.shape[1] * groups, *extent, dtype=W.dtype, device=W.device).mul_(std)
+        y = F.conv2d(x, W, None, 1, 0, dilation, groups)  # (n, out, 1, 1)
+        return torch.nn.grad.conv2d_weight(x, W.shape, y, 1, 0, dilation, groups) / n
 
 
 def plain_copy(model: nn.Module) -> nn.Module:

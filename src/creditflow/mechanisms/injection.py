@@ -188,7 +188,8 @@ def inject(outputs: Sequence[Tensor], signals: Sequence[Tensor | None]) -> None:
 
     Outputs with a ``None`` signal or no graph (frozen blocks) are skipped.
     """
-    pairs = [(h, s) for h, s in zip(outputs, signals, strict=True) if s is not None and h.requires_grad]
+    pairs = [(h, s if s.dtype == h.dtype else s.to(h.dtype))
+             for h, s in zip(outputs, signals, strict=True) if s is not None and h.requires_grad]
     if pairs:
         torch.autograd.backward([h for h, _ in pairs], [s for _, s in pairs])
 

@@ -29,6 +29,7 @@ class _OutputTap(torch.autograd.Function):
     def forward(ctx, on_error: OnError, out: Tensor, *anchors: Tensor) -> Tensor:
         ctx.on_error = on_error
         ctx.num_anchors = len(anchors)
+        ctx.dtypes = [out.dtype, *(a.dtype for a in anchors)]  # each gradient goes back in its tensor's dtype
         # A view, not a copy: no memory for large outputs (a language model's (N, T, V) logits).
         return out.view_as(out)
 
@@ -40,7 +41,8 @@ class _OutputTap(torch.autograd.Function):
         grads = list(grads)
         if len(grads) != ctx.num_anchors:
             raise RuntimeError(f"the tap has {ctx.num_anchors} anchors, its backward gave {len(grads)} gradients")
-        return (None, grad_out, *grads)
+        grads = [g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip([grad_out, *grads], ctx.dtypes)]
+        return (None, *grads)
 
 
 def tap(out: Tensor, on_error: OnError, anchors: Sequence[Tensor] = ()) -> Tensor:

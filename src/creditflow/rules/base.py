@@ -588,21 +588,33 @@ class DirectRule(UnitRule):
             e = torch.zeros((), dtype=outputs[0].dtype, device=outputs[0].device).expand(len(outputs[0]),
                                                                                            self.num_classes)
         target_driven = not self.hidden_waits_for_error  # DRTP, local classifiers: the rule's own term
+        # Under autocast the blocks ran in bfloat16/float16: signals and local losses are formed in
+        # the rule's own precision (float32 feedback, e ~ 1/N would underflow in half precision),
+        # each signal then handed to its block in the block's dtype.
+        dtype = self.feedback_dtype()
+        views = [h if h.dtype == dtype else h.detach().to(dtype) for h in outputs]
+        e = e.to(dtype) if e is not None else None
+        logits = logits.to(dtype) if logits is not None else None
         if own:
-            self.before_signals(outputs, logits, y, blocks)
+            self.before_signals(views, logits, y, blocks)
         signals: list[Tensor | None] = [None] * len(outputs)
         if outputs and (own or not target_driven):
             with torch.no_grad():
-                signals = self.signals(e, y, outputs, blocks)
+                signals = self.signals(e, y, views, blocks)
             if target_driven and not _is_one(scale):
                 signals = [s * scale if s is not None else None for s in signals]
-        local = self.local_loss(outputs, logits, y, blocks) if own and outputs else None
+            signals = [s.to(h.dtype) if s is not None else None for s, h in zip(signals, outputs)]
+        local = self.local_loss(views, logits, y, blocks) if own and outputs else None
         pairs = list(zip(outputs, signals))
         if record.logits is not None and error is not None:
-            pairs.insert(0, (record.logits, error.e))  # the top learns from e, as in BP
+            pairs.insert(0, (record.logits, error.e))  # the top learns from e, as in BP (its own dtype)
         if local is not None:  # the rule-owned modules' loss, on detached outputs
             pairs.append((local, torch.ones_like(local) if _is_one(scale) else torch.ones_like(local) * scale))
         return pairs, None
+
+    def feedback_dtype(self) -> torch.dtype:
+        """The precision of signals and local losses: the model's parameters' (float32 under autocast)."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.get_default_dtype())
 
     # -- what subclasses say ----------------------------------------------------------------------
 

@@ -149,7 +149,12 @@ class DTP(Rule):
             scale = self._scale
             # dL/dh_k through the head (the engine then sends e through it again for its weights)
             (grad_top,) = torch.autograd.grad(logits, top, e, retain_graph=True)
-            self.update_hidden(hs, grad_top if _is_one(scale) else grad_top / scale, scale)
+            # Targets and local losses in the parameters' precision, also after a bfloat16 forward:
+            # a difference of two inverses' outputs loses most of its digits in half precision.
+            dtype = placement(self.model).get("dtype", grad_top.dtype)
+            with torch.autocast(grad_top.device.type, enabled=False):
+                self.update_hidden([h.to(dtype) for h in hs], (grad_top if _is_one(scale) else grad_top / scale).to(dtype),
+                                   scale)
             return e, []
 
         return tap(logits, on_error), state
