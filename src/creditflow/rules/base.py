@@ -296,11 +296,14 @@ class Rule(nn.Module):
 
         return tap(out, on_error), state
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
-        """One training step's gradients with the default loss: ``rule(x, y)``, the loss, backward."""
+    def step(self, x: Tensor, y: Tensor, *, scale: float | Tensor = 1.0) -> StepResult:
+        """One training step's gradients with the default loss: ``rule(x, y)``, the loss, backward.
+
+        ``scale``: the loss scale of fp16 training (a ``GradScaler``'s): every gradient is multiplied
+        by it; ``StepResult.loss`` is the plain loss."""
         out, _ = self.train_forward(x, y)
         loss = self.loss.value(out, y)
-        loss.backward()
+        self.backward(loss if _is_one(scale) else loss * scale, scale=scale)
         return StepResult(loss.detach(), out.detach())
 
 
@@ -423,14 +426,18 @@ class UnitRule(Rule):
 
         return tap(out, on_error, anchors), state
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
+    def step(self, x: Tensor, y: Tensor, *, scale: float | Tensor = 1.0) -> StepResult:
         out, state = self.train_forward(x, y)
-        if self.uses_output_error:
-            loss, e = self.loss.error(out, y)  # the closed form: no second graph for the default loss
-            torch.autograd.backward(out, e)
-        else:  # no output loss (AL): the backward reaches the tap for the rule's own losses
-            torch.autograd.backward(out, torch.zeros_like(out))
-            loss = state.part
+        self._scale = scale
+        try:
+            if self.uses_output_error:
+                loss, e = self.loss.error(out, y)  # the closed form: no second graph for the default loss
+                torch.autograd.backward(out, e if _is_one(scale) else e * scale)
+            else:  # no output loss (AL): the backward reaches the tap for the rule's own losses
+                torch.autograd.backward(out, torch.zeros_like(out))
+                loss = state.part
+        finally:
+            self._scale = 1.0
         return StepResult(loss, out.detach())
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
 from ..registry import DATASETS, MODELS, RULES
@@ -91,6 +91,8 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
 
     rule: str = Field("bp", description="credit-assignment rule (creditflow rules)")
     model: str = Field("mlp:784-1024-1024-10", description="model spec (creditflow models)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16: autocast to bfloat16; fp16: autocast to float16 with loss scaling (a GradScaler)")
     rule_options: dict[str, Any] = Field(default_factory=dict, description="extra rule arguments, key=value")
     model_options: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, key=value")
     seed: int = Field(0, ge=0, description="seed for init, split, data order and augmentation")
@@ -104,6 +106,13 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
     divergence_factor: float = Field(
         1e4, ge=0, description="stop the run when a step's loss exceeds this many times the first step's (0: off; "
                                "a NaN/Inf loss always stops it)")
+
+    @model_validator(mode="after")
+    def _precision_where_it_runs(self):
+        if self.precision != "fp32" and self.parallel == "pipeline":
+            raise ValueError(f"--precision {self.precision} runs with --parallel none or ddp; the pipeline's stages "
+                             "train in fp32")
+        return self
 
     @field_validator("rule")
     @classmethod

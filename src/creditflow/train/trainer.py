@@ -32,6 +32,7 @@ from ..report import plot_curves
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
 from .config import PLACEMENT_KEYS, RunConfig, dump_yaml
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
+from .precision import Precision
 from .runfolder import claim, config_diff
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ class Strategy:
             out = trainer.step(n, x, y)
             trainer.observe_loss(out.loss)
             self.after_step()
-            opt.step()
+            trainer.precision.step(opt)
             opt.zero_grad(set_to_none=True)
             loss_sum += out.loss * len(y)  # kept on device: no sync in the hot loop
             correct += (out.logits.argmax(-1) == y).sum()
@@ -374,6 +375,7 @@ class Trainer:
         self.callbacks = [*([self.memory] if self.memory else []), *callbacks]
         self.progress = progress and strategy.is_main
         self.rule = self.optimizer = self.scheduler = None
+        self.precision = Precision("fp32", torch.device("cpu"))  # fit() sets the run's
         self.global_step = 0
         self._bar = None
 
@@ -389,7 +391,10 @@ class Trainer:
     def step(self, n: int, x, y):
         """One ``rule.step`` on this process's batch, through every callback's ``around_step``."""
         self.step_started()
-        run = lambda: self.rule.step(x, y)  # noqa: E731
+        def run():
+            with self.precision.autocast():
+                return self.rule.step(x, y, scale=self.precision.scale())
+
         for cb in reversed(self.callbacks):
             run = (lambda cb=cb, inner=run: cb.around_step(self, self.global_step, x, y, inner))
         return run()
@@ -449,6 +454,7 @@ class Trainer:
         groups = strategy.param_groups(rule)
         self.optimizer = make_optimizer(cfg, groups) if groups else None  # None: frozen units only
         self.scheduler = make_scheduler(cfg, self.optimizer) if self.optimizer is not None else None
+        self.precision = Precision(cfg.precision, self.device)
         gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation, saved in checkpoints
         start, rows = 0, []
         if ckpt is not None:
@@ -567,6 +573,7 @@ class Trainer:
         if self.optimizer is not None:
             opt = named_optimizer_state(self.optimizer, self._names())
         return {"optimizer": opt, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scaler": self.precision.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
@@ -582,6 +589,7 @@ class Trainer:
             load_named_optimizer_state(self.optimizer, named, groups, self._names())
         if self.scheduler is not None and mine["scheduler"] is not None:
             self.scheduler.load_state_dict(mine["scheduler"])
+        self.precision.load_state_dict(mine.get("scaler"))
         if rank < len(states):  # its own random stream (another split: rank 0's at least)
             torch.set_rng_state(mine["torch_rng"])
             if mine.get("cuda_rng") is not None and self.device.type == "cuda":
