@@ -392,8 +392,9 @@ class Trainer:
         """One ``rule.step`` on this process's batch, through every callback's ``around_step``."""
         self.step_started()
         def run():
+            scaled = {"scale": self.precision.scale()} if self.precision.scaler is not None else {}  # fp16
             with self.precision.autocast():
-                return self.rule.step(x, y, scale=self.precision.scale())
+                return self.rule.step(x, y, **scaled)
 
         for cb in reversed(self.callbacks):
             run = (lambda cb=cb, inner=run: cb.around_step(self, self.global_step, x, y, inner))
