@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +62,11 @@ def _split_weight_grad(grad_w, need_w, need_B):
 
 class LinearFeedbackFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, a: Tensor,
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, a: Tensor | None,
                 a_map: Callable[[Tensor], Tensor] | None = None, a_feeds_B_only: bool = False):
+        # a None: the layer's own input (BP's weight gradient). Passing x twice instead would stop
+        # torch.compile (it cannot trace one tensor given to two inputs of a Function).
+        a = x if a is None else a
         # a_feeds_B_only (ASFP): ``a`` feeds only B's gradient, W's comes from x, which is then saved too.
         ctx.save_for_backward(feedback, a, x if a_feeds_B_only else None)
         ctx.a_map = a_map  # applied in backward, so only ``a`` itself is saved (activation sharing)
@@ -101,6 +103,7 @@ class Conv2dFeedbackFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, a, stride, padding, dilation, groups, a_map=None,
                 a_feeds_B_only=False):
+        a = x if a is None else a  # None: the layer's own input (see LinearFeedbackFn)
         # a_feeds_B_only (ASFP): ``a`` feeds only B's gradient, W's comes from x, which is then saved too.
         ctx.save_for_backward(weight, feedback, a, x if a_feeds_B_only else None)
         ctx.a_map = a_map  # applied in backward, so only ``a`` itself is saved (activation sharing)
@@ -184,35 +187,43 @@ class FixedActivations(FeedbackPolicy):
         return SavedActivation(a) if a is not None else None
 
 
-_POLICY: ContextVar[FeedbackPolicy | None] = ContextVar("creditflow_feedback_policy", default=None)
-_OBSERVERS: ContextVar[tuple[Callable[[nn.Module, Tensor], None], ...]] = ContextVar(
-    "creditflow_weight_input_observers", default=())
+class _Active:
+    """What feedback layers read while a rule's forward runs: plain attributes of one module-level
+    object, not ``ContextVar``s, so that ``torch.compile`` traces a layer's lookup (an attribute read
+    it guards on) instead of breaking the graph at every layer. A forward runs in one thread."""
+
+    policy: FeedbackPolicy | None = None
+    observers: tuple[Callable[[nn.Module, Tensor], None], ...] = ()
+
+
+_ACTIVE = _Active()
 
 
 def active_policy() -> FeedbackPolicy | None:
     """The policy feedback layers read now (None outside a rule's forward)."""
-    return _POLICY.get()
+    return _ACTIVE.policy
 
 
 @contextmanager
 def feedback_policy(policy: FeedbackPolicy) -> Iterator[FeedbackPolicy]:
     """Feedback layers that run inside read ``policy`` (see :class:`FeedbackPolicy`)."""
-    token = _POLICY.set(policy)
+    outer, _ACTIVE.policy = _ACTIVE.policy, policy
     try:
         yield policy
     finally:
-        _POLICY.reset(token)
+        _ACTIVE.policy = outer
 
 
 @contextmanager
 def observe_weight_inputs(callback: Callable[[nn.Module, Tensor], None]) -> Iterator[None]:
     """``callback(layer, a)`` for every feedback layer that runs inside: ``a`` is the tensor its weight
     gradient will read (the memory model counts these)."""
-    token = _OBSERVERS.set((*_OBSERVERS.get(), callback))
+    outer = _ACTIVE.observers
+    _ACTIVE.observers = (*outer, callback)
     try:
         yield
     finally:
-        _OBSERVERS.reset(token)
+        _ACTIVE.observers = outer
 
 
 class FeedbackLayer(nn.Module):
@@ -234,12 +245,12 @@ class FeedbackLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        policy = active_policy()
+        policy = _ACTIVE.policy
         saved = policy.saved_activation(self, x) if policy is not None else None
-        for observe in _OBSERVERS.get():
+        for observe in _ACTIVE.observers:
             observe(self, x if saved is None else saved.a)
         if saved is None:
-            return self._fn.apply(x, self.weight, self.bias, self.feedback, x, *self._fn_args())
+            return self._fn.apply(x, self.weight, self.bias, self.feedback, None, *self._fn_args())
         return self._fn.apply(x, self.weight, self.bias, self.feedback, saved.a, *self._fn_args(), saved.a_map,
                               saved.feeds_B_only)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -33,14 +34,20 @@ from .base import DirectRule, Rule, StepResult, UnitRule
 def build(name: str, model: nn.Module, num_classes: int, **options) -> Rule:
     """Wrap ``model`` in the rule ``name``; options go to the rule's constructor."""
     entry = RULES.get(name)
+    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    if compiled:  # torch.compile(model) before the rule: the rule needs the module; it compiles its forward
+        model = model._orig_mod
     refusal = entry.builder.model_refusal(model)
     if refusal:
         raise ValueError(f"rule {name!r} {refusal}")
     check_options("rule", name, entry.builder, options)
     try:
-        return entry.builder(model, num_classes, **options)
+        rule = entry.builder(model, num_classes, **options)
     except TypeError as err:
         raise ValueError(f"bad options for rule {name!r}: {err}") from None
+    if compiled:
+        rule.compile()
+    return rule
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:

@@ -26,7 +26,8 @@ The step is written once, as parts (see docs/design.md, "One owner for every upd
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any, ContextManager, NamedTuple
 
 import torch
@@ -73,6 +74,11 @@ class UnitsRecord(NamedTuple):
 #: why a rule with backward locking cannot be split over processes
 BACKWARD_LOCKED = ("its layers are backward-locked: each waits for the error of the layer above, so a stage "
                    "could not update before every later stage had; use --parallel ddp")
+
+
+#: per rule, its compiled forwards (``Rule.compile``): kept outside the rule, so a deep copy never
+#: shares a compiled function bound to the original
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Forward:
@@ -181,6 +187,27 @@ class Rule(nn.Module):
 
         return plain_copy(self.inference_model())
 
+    def compile(self, **options) -> None:
+        """``torch.compile`` the forward the step runs (``options`` as torch.compile's): the model's
+        forward for layer-wise rules, every unit's forward with the cuts between them for the others.
+        The tap and the rule's own bookkeeping stay eager, so the compiled graph holds every feedback
+        layer and every cut without a break (``fullgraph=True`` holds). A copy of the rule compiles
+        its own on first use."""
+        self._compile_options = dict(options)
+
+    def _compiled(self, fn: Callable) -> Callable:
+        """``fn`` (a method of this rule), compiled once per rule if :meth:`compile` was called."""
+        options = getattr(self, "_compile_options", None)
+        if options is None:
+            return fn
+        cache = _COMPILED.setdefault(self, {})
+        if fn.__name__ not in cache:
+            cache[fn.__name__] = torch.compile(fn, **options)
+        return cache[fn.__name__]
+
+    def _run_model(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
     def inference_model(self) -> nn.Module:
         """The network that predicts (``rule.model``; Associated Learning: its inference path)."""
         return self.model
@@ -283,7 +310,7 @@ class Rule(nn.Module):
         self._check_target(target)
         self.before_step()
         with self.forward_context(x):
-            out = self.model(x)
+            out = self._compiled(self._run_model)(x)
         state = _Forward()
         if not self._has_after_backward():
             return out, state  # plain autograd is the whole rule (BP, FA, AS, FoA...)
@@ -401,7 +428,7 @@ class UnitRule(Rule):
         self.before_step()
         units = range(self.num_units())
         with self.forward_context(x):
-            record, _ = self.forward_units(units, self.first_inputs(x, target), target)
+            record, _ = self._compiled(self.forward_units)(units, self.first_inputs(x, target), target)
         state = _Forward()
         out = record.logits if record.logits is not None else self.prediction(record, None)
         anchors = self.anchors(record)

@@ -137,7 +137,7 @@ class DTP(Rule):
 
     def train_forward(self, x: Tensor, target: Tensor | None = None):
         self._check_target(target)
-        hs = run_cut(self._hidden, x)  # h_1..h_k, each block's graph starts at its detached input
+        hs = self._compiled(self._run_hidden)(x)  # h_1..h_k, each block's graph starts at its detached input
         top = hs[-1].detach().requires_grad_()
         logits = self._blocks[-1](top)  # the head
         state = _Forward()
@@ -158,6 +158,9 @@ class DTP(Rule):
             return e, []
 
         return tap(logits, on_error), state
+
+    def _run_hidden(self, x: Tensor) -> list[Tensor]:
+        return run_cut(self._hidden, x)
 
     def update_hidden(self, hs: list[Tensor], grad_top: Tensor, scale) -> None:
         """Steps 2-5 from ``dL/dh_k`` (of the plain loss): targets, then one backward over the losses."""

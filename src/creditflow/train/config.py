@@ -93,6 +93,7 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
     model: str = Field("mlp:784-1024-1024-10", description="model spec (creditflow models)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32; bf16: autocast to bfloat16; fp16: autocast to float16 with loss scaling (a GradScaler)")
+    compile: bool = Field(False, description="torch.compile the parts the rule's step runs (rule.compile(): inductor)")
     rule_options: dict[str, Any] = Field(default_factory=dict, description="extra rule arguments, key=value")
     model_options: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, key=value")
     seed: int = Field(0, ge=0, description="seed for init, split, data order and augmentation")

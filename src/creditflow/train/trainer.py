@@ -91,7 +91,10 @@ def build_rule(cfg: RunConfig, info, device: torch.device):
     """The model and rule of ``cfg``, seeded: every process (and every resume) builds the same init."""
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model, input_shape=info.shape, num_classes=info.num_classes, **cfg.model_options)
-    return rules.build(cfg.rule, model, info.num_classes, **cfg.rule_arguments()).to(device)
+    rule = rules.build(cfg.rule, model, info.num_classes, **cfg.rule_arguments()).to(device)
+    if cfg.compile:
+        rule.compile()
+    return rule
 
 
 def build_run(cfg: RunConfig, info, device: torch.device):
