@@ -35,8 +35,14 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_time.py beside this file
-from step_time import (OPTIMIZERS, machine_info, median_iqr, steady_malloc, timed_step,  # noqa: E402
-                       write_results)
+from step_time import (  # noqa: E402
+    OPTIMIZERS,
+    machine_info,
+    median_iqr,
+    steady_malloc,
+    timed_step,
+    write_results,
+)
 
 import creditflow as cf  # noqa: E402
 from creditflow.diagnostics import peak_memory  # noqa: E402

@@ -14,10 +14,10 @@ import time
 
 import click
 import torch
+from step_time import MODELS, steady_malloc
 
 import creditflow as cf
 from creditflow.mechanisms import inject, run_cut
-from step_time import MODELS, steady_malloc
 
 
 @click.command()

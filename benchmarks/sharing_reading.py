@@ -4,8 +4,13 @@
 mean cosine over the trained layers, and how many layers get exactly BP's gradient.
 Usage: ``python benchmarks/sharing_reading.py``.
 """
-import copy, torch, creditflow as cf
+import copy
+
+import torch
 from torch.nn import functional as F
+
+import creditflow as cf
+
 torch.manual_seed(0)
 splits = cf.data.load("fashion-mnist-mini")
 x = splits.normalize(splits.train.images[:256]); y = splits.train.labels[:256]

@@ -306,12 +306,13 @@ def reproduce(preset, list_presets, quiet, **flags):
               help="comma-separated rules, options after colons (asap:k=4:saved_norm=bfloat16)")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (auto: cuda where available)")
 @click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="extra model argument, e.g. width=16")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write the access bar chart (.png or .svg)")
 @click.option("--out", type=click.Path(dir_okay=False), help="write the rows as JSON")
 def memory(model_names, rule_names, batch_size, num_classes, device, model_option, plot, out):
     """Memory per rule: bytes saved for backward (measured) and external memory accesses (modelled)."""
+    from .devices import resolve_device
     from .diagnostics.memory_model import (
         memory_table,
         plot_access,
@@ -321,6 +322,10 @@ def memory(model_names, rule_names, batch_size, num_classes, device, model_optio
     from .rules import parse_spec
     from .train.checkpoint import write_json
 
+    try:
+        device = resolve_device(device)  # a CUDA device on a CPU build: one line, before anything runs
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--device") from None
     names = [n.strip() for n in rule_names.split(",") if n.strip()]
     for name in names:
         try:

@@ -24,6 +24,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from .. import data
+from ..devices import resolve_device
 from ..diagnostics import measure
 from ..report import csv_text, figure_class, finite, fmt, save_figure
 from ..rules import parse_spec as parse_rule_spec
@@ -31,7 +32,7 @@ from ..train.checkpoint import write_json, write_text
 from ..train.config import RunConfig, config_key
 from ..train.metrics import read_jsonl, write_jsonl
 from ..train.runfolder import claim
-from ..train.trainer import Callback, DataInfo, build_rule, resolve_device, train
+from ..train.trainer import Callback, DataInfo, build_rule, train
 
 log = logging.getLogger(__name__)
 

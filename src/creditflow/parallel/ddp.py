@@ -37,9 +37,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from ..train.trainer import EXPECTED_ERRORS, Strategy, Trainer, register_strategy
 from .launch import (
     barrier,
+    device_kind,
     is_torchrun,
     launch,
-    resolve_device,
     warn_if_oversubscribed,
     worker_device,
 )
@@ -252,7 +252,7 @@ class DataParallelStrategy(Strategy):
         if is_torchrun():  # torchrun decides how many processes there are
             cfg = cfg.model_copy(update={"nproc": int(os.environ["WORLD_SIZE"])})
         check(cfg)
-        kind = resolve_device(cfg.device)
+        kind = device_kind(cfg.device)
         level = logging.getLogger().getEffectiveLevel()
         args = (cfg.model_dump(mode="json"), resume, progress, level, list(callbacks))
         return launch(_rank_main, cfg.nproc, args, backend=cfg.backend, device=kind, timeout_s=TRAIN_TIMEOUT_S,

@@ -30,8 +30,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ..devices import resolve_device
+
 __all__ = ["WorkerFailed", "barrier", "find_free_port", "is_torchrun", "launch", "resolve_backend",
-           "resolve_device", "warn_if_oversubscribed", "worker_device"]
+           "device_kind", "warn_if_oversubscribed", "worker_device"]
 
 #: after the first failure, how long other workers get to report theirs (to find the root cause)
 _SETTLE_S = 1.0
@@ -70,19 +72,14 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def resolve_device(device: str | torch.device) -> str:
-    """``"auto"`` -> ``"cuda"`` where available, else ``"cpu"``; ``"cuda"`` without CUDA is an error."""
-    kind = torch.device(device).type if not isinstance(device, str) or device != "auto" else "auto"
-    if kind == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu' or 'auto'")
-    return kind
+def device_kind(device: str | torch.device) -> str:
+    """``"cpu"`` or ``"cuda"``: the kind of device ``device`` resolves to (:func:`creditflow.devices.resolve_device`)."""
+    return resolve_device(device).type
 
 
 def resolve_backend(backend: str, device: str | torch.device) -> str:
     """``"auto"``: NCCL for CUDA, gloo otherwise; NCCL on CPU is an error."""
-    kind = resolve_device(device)
+    kind = device_kind(device)
     if backend == "auto":
         return "nccl" if kind == "cuda" else "gloo"
     if backend == "nccl" and kind != "cuda":
@@ -95,7 +92,7 @@ def resolve_backend(backend: str, device: str | torch.device) -> str:
 def warn_if_oversubscribed(nprocs: int, flag: str, device: str) -> None:
     """Warn (once per launch, not refuse) when ``nprocs`` CPU processes outnumber the cores."""
     cores = os.cpu_count() or 1
-    if resolve_device(device) == "cpu" and nprocs > cores:
+    if device_kind(device) == "cpu" and nprocs > cores:
         import logging
 
         logging.getLogger(__name__).warning("%s %d on %d CPU cores: the processes will share cores (slower than "
@@ -258,7 +255,7 @@ def launch(worker: Callable[..., Any], nprocs: int, args: tuple = (), *, backend
 def _launch(worker, nprocs, args, backend, device, timeout_s, role, threads) -> list:
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
-    kind = resolve_device(device)
+    kind = device_kind(device)
     backend = resolve_backend(backend, kind)
     if is_torchrun():
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])

@@ -59,7 +59,7 @@ from ..train.trainer import (
     Trainer,
     register_strategy,
 )
-from .launch import launch, resolve_device, warn_if_oversubscribed, worker_device
+from .launch import device_kind, launch, warn_if_oversubscribed, worker_device
 from .messages import broadcast, gather, pack, unpack
 from .stages import (
     BALANCES,
@@ -487,7 +487,7 @@ class PipelineStrategy(Strategy):
         if RULES.get(cfg.rule).builder.pipeline_refusal() is not None:  # fail before spawning; the stage count is checked there
             raise ValueError(f"rule {cfg.rule!r} cannot be pipelined: {BACKWARD_LOCKED}; the pipeline runs "
                              f"{', '.join(pipelinable_rules())}")
-        device = resolve_device(cfg.device)
+        device = device_kind(cfg.device)
         warn_if_oversubscribed(cfg.stages, "--stages", device)
         args = (cfg.model_dump(mode="json"), resume, progress, list(callbacks))
         return launch(_stage_main, cfg.stages, args, backend=cfg.backend, device=device, timeout_s=timeout_s,

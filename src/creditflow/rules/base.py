@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from ..mechanisms import (
     BoundaryCut,
-    after_backward,
     Segment,
+    after_backward,
     block_output_shapes,
     downstream_product,
     get_loss,

@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticUndefined
 
+from ..devices import check_device_name
 from ..registry import DATASETS, MODELS, RULES
 
 #: config keys that say where a run's work happens, not what it computes: a run resumes across them
@@ -97,7 +105,7 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
     rule_options: dict[str, Any] = Field(default_factory=dict, description="extra rule arguments, key=value")
     model_options: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, key=value")
     seed: int = Field(0, ge=0, description="seed for init, split, data order and augmentation")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device")
+    device: str = Field("auto", description="training device: auto, cpu, cuda or cuda:N")
     out: str | None = Field(None, description="output folder (default runs/<rule>-<dataset>-s<seed>-<hash of the config>)")
     eval_batch_size: int = Field(1000, ge=1, description="batch size for evaluation")
     test_every: Literal["epoch", "best"] = Field(
@@ -114,6 +122,11 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
             raise ValueError(f"--precision {self.precision} runs with --parallel none or ddp; the pipeline's stages "
                              "train in fp32")
         return self
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        return check_device_name(v)
 
     @field_validator("rule")
     @classmethod

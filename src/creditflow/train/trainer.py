@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data, models, rules
+from ..devices import resolve_device
 from ..diagnostics import saved_tensor_bytes
 from ..mechanisms.modes import eval_mode
 from ..report import plot_curves
@@ -48,14 +49,6 @@ class NonFiniteLoss(Diverged):
 
 #: failures a worker re-raises as themselves (what one process would have raised), reported in one line
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, Diverged)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
-    return torch.device(name)
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
