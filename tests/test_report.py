@@ -27,3 +27,15 @@ def test_save_figure_is_atomic_and_the_same_bytes_every_time(tmp_path):
         files.append((tmp_path / "out" / name).read_bytes())
     assert files[0] == files[1] and files[2] == files[3] and files[2][:4] == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "a.svg", "b.png", "b.svg"]
+
+
+def test_curves_take_seeds_as_one_rule_mean_and_band(tmp_path):
+    from creditflow.report import _across_seeds, plot_curves
+
+    seed0 = [{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_acc": 0.4, "test_acc": None},
+             {"epoch": 2, "train_loss": 0.5, "train_acc": 0.7, "val_acc": 0.6, "test_acc": 0.6}]
+    seed1 = [{"epoch": 1, "train_loss": 3.0, "train_acc": 0.3, "val_acc": 0.2, "test_acc": 0.2}]
+    assert _across_seeds([seed0, seed1], "train_loss") == ([1], [2.0], [1.0], [3.0])  # epochs both reached
+    assert _across_seeds([seed0, seed1], "test_acc") == ([], [], [], [])  # no epoch with a test of both
+    assert plot_curves({"bp": [seed0, seed1], "dfa": seed0}, tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -80,29 +80,52 @@ def save_figure(fig, path: str | Path) -> None:
         atomic_write(path, lambda f: fig.savefig(f, format=fmt_, dpi=110, bbox_inches="tight", metadata=metadata))
 
 
-def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> bool:
-    """Training curves: loss (left) and accuracy (right) per epoch, one colour per run name
-    (``{name: metrics rows}``; train solid, validation dashed, test dotted). False, writing nothing,
-    when matplotlib is absent: the curves are a convenience beside ``metrics.jsonl``."""
+#: line style per curve: train solid, validation dashed, test dotted
+CURVES = (("train_acc", "-", "train"), ("val_acc", "--", "validation"), ("test_acc", ":", "test"))
+
+
+def plot_curves(runs: dict[str, list[dict] | list[list[dict]]], path: str | Path, title: str = "") -> bool:
+    """Training curves per epoch: train loss (left) and accuracy (right), one colour per rule.
+
+    ``runs``: ``{rule: metrics rows}`` of one run, or ``{rule: [rows of each seed]}``. Several
+    seeds give the mean line and a band from the lowest to the highest seed (over the epochs every
+    seed reached); train solid, validation dashed, test dotted; the legend outside the axes; integer
+    epochs. False, writing nothing, when matplotlib is absent: the curves are a convenience beside
+    ``metrics.jsonl``."""
     try:
         Figure = figure_class()
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for k, (name, rows) in enumerate(runs.items()):
+    handles = []
+    for k, (name, seeds) in enumerate(runs.items()):
+        seeds = [seeds] if seeds and isinstance(seeds[0], dict) else list(seeds)
         color = f"C{k % 10}"
-        epochs = [r["epoch"] for r in rows]
-        loss_ax.plot(epochs, [r["train_loss"] for r in rows], color=color, marker="o", markersize=3, label=name)
-        for key, style in (("train_acc", "-"), ("val_acc", "--"), ("test_acc", ":")):
-            points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                acc_ax.plot(*zip(*points), color=color, linestyle=style, marker="o", markersize=3,
-                            label=f"{name} {key.split('_')[0]}")
+        label = name if len(seeds) == 1 else f"{name} (mean of {len(seeds)} seeds, band: min-max)"
+        handles.append(Line2D([], [], color=color, label=label))
+        for ax, key, style in ((loss_ax, "train_loss", "-"), *((acc_ax, key, style) for key, style, _ in CURVES)):
+            epochs, mean, low, high = _across_seeds(seeds, key)
+            if epochs:
+                ax.plot(epochs, mean, color=color, linestyle=style, marker="o", markersize=2.5, linewidth=1.4)
+                if len(seeds) > 1:
+                    ax.fill_between(epochs, low, high, color=color, alpha=0.15, linewidth=0)
+    handles += [Line2D([], [], color="0.3", linestyle=style, label=word) for _, style, word in CURVES]
     loss_ax.set(xlabel="epoch", ylabel="train loss", title=title)
     acc_ax.set(xlabel="epoch", ylabel="accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
-    acc_ax.legend(fontsize="small", ncol=1 + len(runs) // 4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False)
     save_figure(fig, path)
     return True
+
+
+def _across_seeds(seeds: list[list[dict]], key: str):
+    """Epochs every seed has ``key`` for, and the mean, min and max over seeds at each."""
+    per_seed = [{r["epoch"]: r[key] for r in rows if r.get(key) is not None} for rows in seeds]
+    epochs = sorted(set.intersection(*(set(d) for d in per_seed))) if per_seed else []
+    values = [[d[e] for d in per_seed] for e in epochs]
+    return epochs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]

@@ -31,23 +31,10 @@ def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True,
         write_json(out / "results.json", {"config": cfg.model_dump(mode="json"), "rows": rows, "runs": runs})
         write_text(out / "results.csv", to_csv(rows))
         write_text(out / "results.md", to_markdown(rows, cfg))
-        plot_curves({rule: mean_curve([read_jsonl(cfg.run(rule, s).out_dir() / "metrics.jsonl")
-                                       for s in range(cfg.seed, cfg.seed + cfg.seeds)]) for rule in cfg.rules},
-                    out / "curves.png", f"{cfg.model} on {cfg.dataset}, mean over {cfg.seeds} seed(s)")
+        plot_curves({rule: [read_jsonl(cfg.run(rule, s).out_dir() / "metrics.jsonl")
+                            for s in range(cfg.seed, cfg.seed + cfg.seeds)] for rule in cfg.rules},
+                    out / "curves.png", f"{cfg.model} on {cfg.dataset}")
     return rows
-
-
-def mean_curve(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per epoch, the mean over seeds of each curve (the epochs every seed reached)."""
-    keys = ("train_loss", "train_acc", "val_acc", "test_acc")
-    out = []
-    for rows in zip(*runs):
-        point = {"epoch": rows[0]["epoch"]}
-        for key in keys:
-            values = [r.get(key) for r in rows]
-            point[key] = statistics.fmean(values) if None not in values else None
-        out.append(point)
-    return out
 
 
 def memory(summary: dict[str, Any]) -> int | None:

@@ -175,7 +175,8 @@ def reproduce(name: str, opts: ReproduceOptions, *, progress: bool = True) -> di
         write_json(out / "results.json", results)  # after every run: a killed preset keeps what it has
     results["wall_seconds"] = round(earlier + time.perf_counter() - started, 1)
     for cell_id, (columns, runs) in planned.items():
-        plot_curves({f"{column} s{cfg.seed}": read_jsonl(cfg.out_dir() / "metrics.jsonl") for column, cfg in runs},
+        plot_curves({column: [read_jsonl(cfg.out_dir() / "metrics.jsonl") for c, cfg in runs if c == column]
+                     for column in columns},
                     out / cell_id / "curves.png", f"{preset.name} {cell_id} ({opts.budget})")
         if probe is not None:
             results["cells"][cell_id]["alignment"] = cell_alignment(out / cell_id, runs, probe,
