@@ -125,7 +125,9 @@ def test_al_presets_use_the_authors_protocol_and_matched_bp_models(name):
                 else:  # BP and DTP train the matched twin, never the folded network
                     assert not cfg.model.startswith("al-") and cfg.model.split(":")[0] in cell.model.removeprefix("al-")
                 if budget == "full":
-                    assert cfg.epochs == 200 and cfg.max_steps_per_epoch is None and cfg.model_options == {}
+                    # He-normal init (Sec. 5.1): the AL models' default, an option of the MLP twin
+                    twin_he = {"init": "he-normal"} if cfg.model.startswith("mlp") else {}
+                    assert cfg.epochs == 200 and cfg.max_steps_per_epoch is None and cfg.model_options == twin_he
                     assert cfg.augment == ("crop" if cell.dataset.startswith("cifar") else "none")
                     assert cfg.lr == (0.001 if "resnet" in cell.model else 0.0001)
                     if "vgg" in cell.model:

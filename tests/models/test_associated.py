@@ -87,7 +87,7 @@ def test_he_normal_init():
     ("al-mlp:784-32-32-10", {"label_widths": "8"}, r"one width per component \(2\)"),
     ("al-mlp:784-32-10", {"bridge_activation": "sigmoidd"}, "unknown activation 'sigmoidd'"),
     ("al-mlp:784-32-10", {"bridge_depth": -1}, "bridge_depth must be an integer >= 0"),
-    ("al-mlp:784-32-10", {"init": "xavier"}, "unknown init 'xavier'; available: he-normal, torch"),
+    ("al-mlp:784-32-10", {"init": "xavier"}, "unknown init 'xavier'; available: torch, he-normal"),
     ("al-vanilla-cnn", {"components": 9}, "components must be an integer from 1 to 8"),
     ("al-vgg:x", {}, "al-vgg takes no ':' details"),
     ("al-vgg", {"input_shape": (1, 8, 8)}, "under 16x16"),

@@ -60,3 +60,15 @@ def test_mlp_linear_and_batch_norm_options():
 def test_bad_specs_say_what_is_allowed(spec, options, match):
     with pytest.raises(ValueError, match=match):
         cf.models.build(spec, **options)
+
+
+def test_an_mlp_takes_he_normal_init():
+    torch.manual_seed(0)
+    net = cf.models.build("mlp:784-2048-10", init="he-normal")
+    w = net[0][1].weight
+    assert abs(w.std().item() - (2 / 784) ** 0.5) < 0.002 and net[0][1].bias.abs().max() == 0
+    torch.manual_seed(0)
+    default = cf.models.build("mlp:784-2048-10")  # torch: uniform in +-1/sqrt(fan_in)
+    assert default[0][1].weight.abs().max() <= 1 / 784 ** 0.5
+    with pytest.raises(ValueError, match="unknown init 'xavier'; available: torch, he-normal"):
+        cf.models.build("mlp:784-16-10", init="xavier")

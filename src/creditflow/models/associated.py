@@ -43,11 +43,10 @@ from torch.nn import functional as F
 
 from ..mechanisms.modes import block_output_shapes
 from ..registry import register_model
-from .blocks import BlockNet, parse_dims
+from .blocks import BlockNet, apply_init, parse_dims
 from .blocks import activation as make_activation
 
 REDUCTIONS = ("mean", "sum")
-INITS = ("he-normal", "torch")
 
 
 class ComponentOutput(NamedTuple):
@@ -177,16 +176,6 @@ class AssociatedNet(nn.Module):
 
 # --- building from encoder units -------------------------------------------------------------
 
-def he_normal_(module: nn.Module) -> nn.Module:
-    """He-normal weights (``std = sqrt(2 / fan_in)``) and zero biases for every Linear/Conv2d (Sec. 5.1)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return module
-
-
 def dense(d_in: int, d_out: int, act: str) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), make_activation(act))
 
@@ -267,11 +256,6 @@ def layout(units: Sequence[nn.Module], *, input_shape, num_classes: int, width: 
     return Layout(encoders, block_output_shapes(encoders, input_shape), widths, hidden, bridge_pool)
 
 
-def check_init(init: str) -> None:
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; available: {', '.join(INITS)}")
-
-
 def fold(units: Sequence[nn.Module], *, input_shape, num_classes: int, width: int, components: int | None = None,
          default_sizes: Sequence[int] | None = None, label_widths=None, bridge_depth: int = 1,
          bridge_width: int | None = None, bridge_pool: int | None = None, bridge_activation: str = "sigmoid",
@@ -293,7 +277,7 @@ def fold(units: Sequence[nn.Module], *, input_shape, num_classes: int, width: in
             (h_1's output included, so the prediction lies in (0, 1) like the one-hot target).
         init: ``"he-normal"`` (the paper) or ``"torch"`` (PyTorch's defaults).
     """
-    check_init(init)
+    apply_init(nn.Identity(), init)  # an unknown init fails before anything is built
     make_activation(bridge_activation), make_activation(label_activation)  # typos fail here, by name
     lay = layout(units, input_shape=input_shape, num_classes=num_classes, width=width, components=components,
                  default_sizes=default_sizes, label_widths=label_widths, bridge_depth=bridge_depth,
@@ -303,7 +287,7 @@ def fold(units: Sequence[nn.Module], *, input_shape, num_classes: int, width: in
                        dense(n_prev, n, label_activation), dense(n, n_prev, label_activation))
              for f, shape, n, n_prev, hid in zip(lay.encoders, lay.s_shapes, lay.widths, below, lay.bridge_hidden)]
     net = AssociatedNet(comps, input_shape, num_classes)
-    return he_normal_(net) if init == "he-normal" else net
+    return apply_init(net, init)
 
 
 def unfold(units: Sequence[nn.Module], *, input_shape, num_classes: int, width: int, components: int | None = None,
@@ -316,7 +300,7 @@ def unfold(units: Sequence[nn.Module], *, input_shape, num_classes: int, width: 
     and a linear head ``n_1 -> C`` in place of h_1 (logits for softmax cross-entropy). Every
     parameter has the shape of the matching effective parameter of the AL network.
     """
-    check_init(init)
+    apply_init(nn.Identity(), init)  # an unknown init fails before anything is built
     lay = layout(units, input_shape=input_shape, num_classes=num_classes, width=width, components=components,
                  default_sizes=default_sizes, label_widths=label_widths, bridge_depth=bridge_depth,
                  bridge_width=bridge_width, bridge_pool=bridge_pool)
@@ -326,7 +310,7 @@ def unfold(units: Sequence[nn.Module], *, input_shape, num_classes: int, width: 
     blocks += [dense(n[i], n[i - 1], activation) for i in reversed(range(1, len(n)))]
     blocks.append(nn.Linear(n[0], num_classes))
     net = BlockNet(blocks, input_shape)
-    return he_normal_(net) if init == "he-normal" else net
+    return apply_init(net, init)
 
 
 def flat_input(input_shape, num_classes, spec: str, default_hidden: Sequence[int]) -> tuple[tuple, list[int], int]:

@@ -64,3 +64,22 @@ def parse_dims(text: str, what: str) -> list[int]:
     if any(d <= 0 for d in dims):
         raise ValueError(f"bad {what} {text!r}; every size must be positive")
     return dims
+
+
+#: weight initialisations a model may be built with: ``torch`` (each layer's own reset_parameters:
+#: for Linear/Conv2d ``kaiming_uniform_(a=sqrt(5))``, i.e. uniform in ``±1/sqrt(fan_in)``, and a
+#: uniform bias), or ``he-normal`` (He et al. 2015: normal with ``std = sqrt(2 / fan_in)``, zero biases)
+INITS = ("torch", "he-normal")
+
+
+def apply_init(module: nn.Module, init: str) -> nn.Module:
+    """``module`` with every Linear/Conv2d initialised by ``init`` (one of :data:`INITS`)."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; available: {', '.join(INITS)}")
+    if init == "he-normal":
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    return module

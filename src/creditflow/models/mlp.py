@@ -7,21 +7,22 @@ import math
 from torch import nn
 
 from ..registry import register_model
-from .blocks import BlockNet, parse_dims
+from .blocks import BlockNet, apply_init, parse_dims
 from .blocks import activation as make_activation
 
 
 @register_model("mlp", summary="fully connected net, e.g. mlp:784-1024-1024-10 (activation=relu|tanh|identity|..., "
                 "batch_norm, bias)", paper="LAS paper Sec. IV.A")
 def mlp(spec: str = "784-1024-1024-10", *, activation: str = "relu", batch_norm: bool = False, bias: bool = True,
-        input_shape=None, num_classes: int | None = None) -> BlockNet:
+        init: str = "torch", input_shape=None, num_classes: int | None = None) -> BlockNet:
     """One block per hidden layer (Linear [+ BatchNorm1d] + activation), then a Linear head.
 
     The first block flattens its input, so image tensors (N, C, H, W) go in unchanged.
     ``input_shape`` defaults to ``(D0,)``; pass the image shape to document it. ``batch_norm``
     normalises each hidden layer's pre-activation (Linear, BN, activation: the order of the ASAP
     authors' code, code/convnet.py); the head stays a plain Linear. ``activation=identity``
-    makes a linear network; ``bias=False`` drops every Linear's bias.
+    makes a linear network; ``bias=False`` drops every Linear's bias. ``init``: ``torch`` (PyTorch's
+    default: uniform in ``±1/sqrt(fan_in)``) or ``he-normal`` (``std = sqrt(2/fan_in)``, zero biases).
     """
     dims = parse_dims(spec, "mlp sizes")
     if len(dims) < 3:
@@ -38,4 +39,4 @@ def mlp(spec: str = "784-1024-1024-10", *, activation: str = "relu", batch_norm:
             layers.append(nn.BatchNorm1d(d_out))
         blocks.append(nn.Sequential(*layers, make_activation(activation)))
     blocks.append(nn.Linear(dims[-2], dims[-1], bias=bias))
-    return BlockNet(blocks, input_shape or (dims[0],))
+    return apply_init(BlockNet(blocks, input_shape or (dims[0],)), init)
