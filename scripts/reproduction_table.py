@@ -1,7 +1,7 @@
 """The leading table of docs/reproduction/README.md, from the committed reports' results.json.
 
 Every cell of every ``docs/reproduction/<preset>-<budget>/`` folder whose budget is given (default
-``cpu``): our test accuracy (mean ± std over seeds, at the best validation epoch) beside the
+``cpu``): our test accuracy (mean ± sample std over seeds, at the best validation epoch) beside the
 paper's number, the difference in points, and the command that made it. Numbers are read, never
 typed: run this after committing a report and paste its output (or ``--write`` it in place
 between the README's ``<!-- table -->`` markers).

@@ -50,7 +50,7 @@ def cell_alignment(folder: Path, runs: list[tuple[str, RunConfig]], probe: Probe
 def alignment_report(preset: Preset, results: dict[str, Any], probe: Probe) -> list[str]:
     """Per cell: each column's per-epoch mean cosine with BP at its first and last epoch, and its peak."""
     lines = [f"Alignment with BP (cosine at each block's {probe.at}, measured every {probe.every} "
-             "steps, averaged per epoch, then mean ± std over seeds): first epoch -> last epoch (peak epoch "
+             "steps, averaged per epoch, then mean ± sample std over seeds): first epoch -> last epoch (peak epoch "
              "mean). Figure: `<cell>/alignment.png`; numbers: `<cell>/alignment-epochs.csv`."]
 
     def value(r):  # one seed has no spread to claim
@@ -95,7 +95,7 @@ def to_report(preset: Preset, results: dict[str, Any], probe: Probe | None = Non
     lines = [
         f"# {preset.title} — `{name}` budget",
         "",
-        f"Paper: {preset.paper}. Cells: ours as mean ± std of the test accuracy at the best validation "
+        f"Paper: {preset.paper}. Cells: ours as mean ± sample std (n - 1) of the test accuracy at the best validation "
         "epoch over seeds, with the paper's number in brackets. Budget: "
         + ", ".join(f"{k}={v}" for k, v in budget.items())
         + budget_notes(preset, name)
@@ -138,7 +138,7 @@ def extra_report(preset: Preset, extra: Extra, results: dict[str, Any]) -> list[
     ran = [(cell, results["cells"][cell.id]["summaries"]) for cell in preset.cells
            if "summaries" in results["cells"].get(cell.id, {})]
     if extra.source == "metrics":
-        lines = [f"{extra.title}: ours at the selected epoch, mean ± std over seeds (the paper's number in "
+        lines = [f"{extra.title}: ours at the selected epoch, mean ± sample std over seeds (the paper's number in "
                  "brackets).", "", *markdown_table(["cell", *preset.rules], [])]
         for cell, summaries in ran:
             paper = extra.paper.get(cell.id, {})
