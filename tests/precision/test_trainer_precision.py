@@ -18,7 +18,7 @@ def train(*args):
     return CliRunner().invoke(main, ["train", *args, *TINY])
 
 
-@pytest.mark.parametrize("rule", ["dfa", "fa", "las"])
+@pytest.mark.parametrize("rule", ["dfa", "fa", "las", "kp"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_run_trains_in_lower_precision_and_resumes(tmp_path, rule, precision):
     out = tmp_path / "run"

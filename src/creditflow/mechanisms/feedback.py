@@ -342,15 +342,20 @@ def learn_feedback(layer: FeedbackLayer) -> nn.Parameter:
 
 
 @torch.no_grad()
-def kp_decay_(layers: list[FeedbackLayer], decay: float) -> None:
+def kp_decay_(layers: list[FeedbackLayer], decay: float | Tensor) -> None:
     """Kolen-Pollack decay: add ``decay * p`` to the ``.grad`` (where there is one) of every layer's
     ``W`` and ``B``, the same L2 decay on both, so ``W - B`` shrinks. Nothing when ``decay`` is 0."""
-    if not decay:
+    if not torch.is_tensor(decay) and not decay:
         return
-    for layer in layers:
-        for p in (layer.weight, layer.feedback):
-            if p.grad is not None:
-                p.grad.add_(p, alpha=decay)
+    with torch.no_grad():
+        pairs = [(p.grad, p) for layer in layers for p in (layer.weight, layer.feedback) if p.grad is not None]
+        if not pairs:
+            return
+        grads, params = map(list, zip(*pairs))
+        if torch.is_tensor(decay):  # times a loss scale held on the device (fp16): no host sync
+            torch._foreach_add_(grads, torch._foreach_mul(params, decay))
+        else:  # one multi-tensor kernel, not two small ones per layer
+            torch._foreach_add_(grads, params, alpha=decay)
 
 @torch.no_grad()
 def mirror_product(layer: FeedbackLayer, n: int, std: float) -> Tensor:

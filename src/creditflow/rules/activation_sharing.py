@@ -377,9 +377,8 @@ class AS(SharedActivations, FA):
 
     def before_step(self):
         super().before_step()
-        with torch.no_grad():
-            for layer in self.layers:
-                layer.feedback.copy_(layer.weight)
+        with torch.no_grad():  # one multi-tensor kernel for every layer's B <- W
+            torch._foreach_copy_([layer.feedback for layer in self.layers], [layer.weight for layer in self.layers])
 
 
 @register_rule("asap", summary="activation sharing with asymmetric paths: shared h~ updates W and B alike (KP)",
