@@ -307,10 +307,12 @@ def reproduce(preset, list_presets, quiet, **flags):
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (auto: cuda where available)")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="the step under autocast, as train --precision")
 @click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="extra model argument, e.g. width=16")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write the access bar chart (.png or .svg)")
 @click.option("--out", type=click.Path(dir_okay=False), help="write the rows as JSON")
-def memory(model_names, rule_names, batch_size, num_classes, device, model_option, plot, out):
+def memory(model_names, rule_names, batch_size, num_classes, device, precision, model_option, plot, out):
     """Memory per rule: bytes saved for backward (measured) and external memory accesses (modelled)."""
     from .devices import resolve_device
     from .diagnostics.memory_model import (
@@ -338,7 +340,7 @@ def memory(model_names, rule_names, batch_size, num_classes, device, model_optio
     tables = {}
     for model in model_list:
         tables[model] = memory_table(model, names, batch_size, num_classes, device,
-                                     key_values(model_option, "--model-option"))
+                                     key_values(model_option, "--model-option"), precision=precision)
         click.echo(to_markdown(tables[model], model, batch_size))
     if plot and len(tables) == 1:
         plot_access(tables[model_list[0]], model_list[0], plot)

@@ -109,12 +109,21 @@ def external_memory_access(rule: nn.Module, input_shape, batch_size: int = 1) ->
     return MemoryAccess(params=params, activations=weight_gradient_inputs(rule, x), feedback_params=feedback)
 
 
+def _under(context, fn):
+    with context():
+        return fn()
+
+
 def memory_table(model: str, rules: list[str], batch_size: int = 64, num_classes: int = 10,
-                 device: str = "cpu", model_options: dict | None = None, seed: int = 0) -> list[dict]:
+                 device: str = "cpu", model_options: dict | None = None, seed: int = 0,
+                 precision: str = "fp32") -> list[dict]:
     """Measured (bytes saved for backward, CUDA peak) and modelled (ch. 6) memory per rule.
 
-    Every rule wraps its own copy of the same seeded model and sees the same random batch.
+    Every rule wraps its own copy of the same seeded model and sees the same random batch;
+    ``precision`` ``bf16``/``fp16``: the step runs under autocast (what the trainer's ``--precision`` does).
     """
+    from ..train.precision import Precision
+
     from .. import models as model_registry
     from .. import rules as rule_registry
     from .memory import peak_memory
@@ -129,7 +138,8 @@ def memory_table(model: str, rules: list[str], batch_size: int = 64, num_classes
             g = torch.Generator().manual_seed(seed)
             x = torch.randn(batch_size, *shape, generator=g).to(device)
             y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
-        report = peak_memory(lambda: rule.step(x, y), device, exclude=rule)
+        autocast = Precision(precision, torch.device(device)).autocast
+        report = peak_memory(lambda: _under(autocast, lambda: rule.step(x, y)), device, exclude=rule)
         access = external_memory_access(rule, shape, batch_size)
         rows.append({"rule": name, "saved_for_backward_bytes": report.saved_for_backward_bytes,
                      "device_peak_bytes": report.device_peak_bytes, **access.as_dict()})
