@@ -44,13 +44,21 @@ AVAILABLE = ("crop", "cutout", "flip", "randaugment")
 def _rand(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """(n,) uniform [0, 1) drawn on the generator's device, returned on ``device``."""
     source = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(n, generator=generator, device=source).to(device)
+    return _move(torch.rand(n, generator=generator, device=source), device)
 
 
 def _randint(high: int, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """(n,) integers in [0, high) drawn on the generator's device, returned on ``device``."""
     source = generator.device if generator is not None else torch.device("cpu")
-    return torch.randint(high, (n,), generator=generator, device=source).to(device)
+    return _move(torch.randint(high, (n,), generator=generator, device=source), device)
+
+
+def _move(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; a CPU draw bound for CUDA goes through pinned memory, so the copy does
+    not block the host (a pageable copy would, once per augmentation op per batch)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def flip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:

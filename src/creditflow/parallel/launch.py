@@ -77,11 +77,13 @@ def device_kind(device: str | torch.device) -> str:
     return resolve_device(device).type
 
 
-def resolve_backend(backend: str, device: str | torch.device) -> str:
-    """``"auto"``: NCCL for CUDA, gloo otherwise; NCCL on CPU is an error."""
+def resolve_backend(backend: str, device: str | torch.device, nprocs: int = 1) -> str:
+    """``"auto"``: NCCL for CUDA when every process has a GPU of its own, gloo otherwise (NCCL forbids
+    two ranks on one GPU: ``--parallel ddp --nproc 2`` on a one-GPU machine runs over gloo); NCCL on
+    CPU is an error."""
     kind = device_kind(device)
     if backend == "auto":
-        return "nccl" if kind == "cuda" else "gloo"
+        return "nccl" if kind == "cuda" and torch.cuda.device_count() >= nprocs else "gloo"
     if backend == "nccl" and kind != "cuda":
         raise ValueError("backend 'nccl' needs device 'cuda'; use backend 'gloo' (or 'auto') on CPU")
     if backend not in ("gloo", "nccl", "mpi", "ucc"):
@@ -256,7 +258,7 @@ def _launch(worker, nprocs, args, backend, device, timeout_s, role, threads) -> 
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     kind = device_kind(device)
-    backend = resolve_backend(backend, kind)
+    backend = resolve_backend(backend, kind, nprocs)
     if is_torchrun():
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         if world != nprocs:

@@ -101,6 +101,8 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
     model: str = Field("mlp:784-1024-1024-10", description="model spec (creditflow models)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32; bf16: autocast to bfloat16; fp16: autocast to float16 with loss scaling (a GradScaler)")
+    deterministic: bool = Field(False, description="deterministic algorithms, so that CUDA runs repeat (slower; an op "
+                                "without a deterministic kernel fails by name)")
     compile: bool = Field(False, description="torch.compile the parts the rule's step runs (rule.compile(): inductor)")
     rule_options: dict[str, Any] = Field(default_factory=dict, description="extra rule arguments, key=value")
     model_options: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, key=value")

@@ -51,6 +51,15 @@ class NonFiniteLoss(Diverged):
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, Diverged)
 
 
+def use_deterministic_algorithms() -> None:
+    """``--deterministic``: algorithms that repeat bit for bit on CUDA too (slower). cuBLAS needs its
+    workspace setting before its first call; an op without a deterministic kernel then fails by name
+    instead of varying silently."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     """``params``: tensors or param groups (``rule.param_groups``)."""
     params = list(params)
@@ -434,6 +443,8 @@ class Trainer:
         out = cfg.out_dir()
         ckpt_path = out / "checkpoint.pt"
         self.device = strategy.device
+        if cfg.deterministic:
+            use_deterministic_algorithms()
         splits, info = strategy.load_data(lambda: data.load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                                                             val_fraction=cfg.val_fraction, seed=cfg.seed))
         self.splits = splits
