@@ -119,7 +119,11 @@ def _setup(rank: int, world_size: int, backend: str, kind: str, timeout_s: float
     """This process's device and process group (``port``: the launcher's store; else env://)."""
     global _device
     if kind == "cuda":
-        _device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        if backend == "nccl" and local_rank >= gpus:  # wrapping around would put two NCCL ranks on one GPU
+            raise ValueError(f"local rank {local_rank} has no GPU of its own ({gpus} on this node) and NCCL "
+                             "forbids two ranks on one GPU; start at most one process per GPU, or use --backend gloo")
+        _device = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(_device)
     else:
         _device = torch.device("cpu")
