@@ -488,7 +488,7 @@ class Trainer:
 
         # On CUDA the training set lives on the device (uint8: CIFAR-10 is 150 MB), so a batch is an
         # index into it, not a pageable host-to-device copy per step.
-        train_set = splits.train.to(self.device) if self.device.type == "cuda" else splits.train
+        train_set = None if splits is None else splits.train.to(self.device) if self.device.type == "cuda" else splits.train
 
         def epoch_batches():
             for xb, yb in data.batches(train_set, cfg.batch_size, shuffle=True, generator=gen):
