@@ -35,7 +35,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log, report
 }
 if [ "$cuda" = 1 ]; then
   dev=cuda
-  part cuda-tests 150 python -m pytest -q -x tests/precision tests/compile tests/diagnostics/test_memory.py tests/test_devices.py
+  part cuda-tests 150 python -m pytest -q tests/cuda tests/precision tests/compile tests/diagnostics/test_memory.py tests/test_devices.py
   part step-time 120 python benchmarks/step_time.py --device cuda --rules bp,fa,dfa,las,asap --models mlp,conv3 --out "$out"
   part compile-precision 150 python benchmarks/compile_precision.py --device cuda --model conv3 --out "$out"
   part memory 60 creditflow memory --device cuda --model resnet18 --rules bp,fa,dfa,asap,asap:k=4 --out "$out/memory.json"
