@@ -86,6 +86,8 @@ class DataParallel:
         self.seed_value = seed
         self.rule: nn.Module | None = None
         self._weight = 1.0 / self.world_size  # this rank's share of the current global batch
+        self._presence_tensors: dict = {}
+        self._presence_seen: list[tuple[Tensor, tuple[bool, ...]]] = []
 
     @property
     def is_main(self) -> bool:
@@ -163,27 +165,50 @@ class DataParallel:
             parts = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(bucket, grads)]
             flat = torch.cat(parts)
             flat.mul_(self._weight)
-            has = torch.tensor([g is not None for g in grads], dtype=ref.dtype, device=ref.device)
-            flat = torch.cat([flat, has])  # which ranks had a gradient: one all-reduce for both
+            local = tuple(g is not None for g in grads)
+            flat = torch.cat([flat, self._presence(local, ref)])  # which ranks had a gradient: one all-reduce
             dist.all_reduce(flat)
             n = flat.numel() - len(bucket)
-            has = flat[n:]
+            # Which tensors keep a gradient is decided from this rank's own pattern, with no host sync:
+            # every rank of a rule has the same one (checked at epoch end, one sync for the epoch).
+            self._presence_seen.append((flat[n:], local))
+            if len(self._presence_seen) >= 256:  # a loop that never syncs buffers still gets checked
+                self.check_presence()
             offset = 0
-            for p, present in zip(bucket, has.tolist()):
+            for p, present in zip(bucket, local):
                 g = flat[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
-                if present == 0:  # no rank had one: stay None (an optimizer skips it, as in one process)
+                if not present:  # no rank had one: stay None (an optimizer skips it, as in one process)
                     p.grad = None
-                elif p.grad is not None:
-                    p.grad.copy_(g)
                 else:
-                    p.grad = g.clone()
+                    p.grad.copy_(g)
+
+    def _presence(self, local: tuple[bool, ...], ref: Tensor) -> Tensor:
+        """This rank's gradient pattern as a device tensor, made once per pattern (no copy per step)."""
+        key = (local, ref.dtype, ref.device)
+        if key not in self._presence_tensors:
+            self._presence_tensors[key] = torch.tensor(local, dtype=ref.dtype, device=ref.device)
+        return self._presence_tensors[key]
+
+    def check_presence(self) -> None:
+        """Every rank had a gradient for the same tensors at every step since the last check."""
+        seen, self._presence_seen = self._presence_seen, []
+        if not seen:
+            return
+        sums = torch.cat([s for s, _ in seen])
+        expected = torch.tensor([float(self.world_size if p else 0) for _, local in seen for p in local],
+                                dtype=sums.dtype, device=sums.device)
+        if not torch.equal(sums, expected):
+            raise RuntimeError("data-parallel ranks gave gradients to different tensors in one step; "
+                               "DataParallel needs every rank's step to reach the same tensors")
 
     # -- every epoch ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def sync_buffers(self) -> None:
-        """BatchNorm running statistics averaged over ranks; every other buffer from rank 0."""
+        """BatchNorm running statistics averaged over ranks; every other buffer from rank 0 (and the
+        epoch's check that every rank's gradients reached the same tensors)."""
+        self.check_presence()
         if self._statistics:
             self._all_reduce(self._statistics, scale=1.0 / self.world_size)
         if self._other_buffers:
