@@ -143,3 +143,15 @@ def test_a_grad_scaler_unscales_the_rules_gradients(name):
     scaler.step(opt)
     scaler.update()
     assert scaler.get_scale() == 2.0 ** 12  # finite gradients: the scale stays (growth after 2000 steps)
+
+
+def test_the_tap_lets_go_of_the_forward_after_a_backward_that_frees_the_graph():
+    """A loop holds ``out`` into the next step; what the rule kept of the forward (block outputs)
+    must not stay alive with it once the graph is freed, and must stay while it is retained."""
+    rule = cf.rules.build("dfa", tiny_mlp(), num_classes=3)
+    x, y = batch(rule.model.input_shape)
+    out = rule(x)
+    F.cross_entropy(out, y).backward(retain_graph=True)
+    assert out.grad_fn.on_error is not None  # retained: a second backward may come
+    F.cross_entropy(out, y).backward()
+    assert out.grad_fn.on_error is None

@@ -28,6 +28,10 @@ class _OutputTap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, on_error: OnError, out: Tensor, *anchors: Tensor) -> Tensor:
         ctx.on_error = on_error
+        # A marker the engine frees with the graph: after a backward without retain_graph it is gone,
+        # and the tap drops what the rule kept of the forward (its block outputs) instead of holding
+        # them for as long as the caller holds ``out`` (into the next step's forward, in most loops).
+        ctx.save_for_backward(torch.empty(0, device=out.device))
         ctx.num_anchors = len(anchors)
         ctx.dtypes = [out.dtype, *(a.dtype for a in anchors)]  # each gradient goes back in its tensor's dtype
         # A view, not a copy: no memory for large outputs (a language model's (N, T, V) logits).
@@ -42,7 +46,15 @@ class _OutputTap(torch.autograd.Function):
         if len(grads) != ctx.num_anchors:
             raise RuntimeError(f"the tap has {ctx.num_anchors} anchors, its backward gave {len(grads)} gradients")
         grads = [g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip([grad_out, *grads], ctx.dtypes)]
+        after_backward(lambda: _release_if_freed(ctx))
         return (None, *grads)
+
+
+def _release_if_freed(ctx) -> None:
+    try:
+        ctx.saved_tensors
+    except RuntimeError:  # the graph was not retained: no further backward can reach this tap
+        ctx.on_error = None
 
 
 def tap(out: Tensor, on_error: OnError, anchors: Sequence[Tensor] = ()) -> Tensor:
