@@ -6,7 +6,7 @@ paper's number, the difference in points, and the command that made it. Numbers 
 typed: run this after committing a report and paste its output (or ``--write`` it in place
 between the README's ``<!-- table -->`` markers).
 
-    python scripts/reproduction_table.py [--budget cpu] [--write]
+    python scripts/reproduction_table.py [--folders cpu,cpu-long,cpu-he] [--write]
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ ROOT = Path(__file__).resolve().parents[1] / "docs" / "reproduction"
 MARKERS = ("<!-- table -->", "<!-- /table -->")
 
 
-def rows(budget: str) -> list[str]:
+def rows(suffixes: list[str]) -> list[str]:
     lines = markdown_table(["preset", "cell", "column", "ours", "paper", "ours - paper (points)", "command"], [])
-    for folder in sorted(ROOT.glob(f"*-{budget}")):
+    folders = sorted({f for suffix in suffixes for f in ROOT.glob(f"*-{suffix}") if (f / "results.json").is_file()})
+    for folder in folders:
         results = json.loads((folder / "results.json").read_text())
         preset = load_preset(results["preset"])
-        command = f"`creditflow reproduce {preset.name} --budget {budget} --data-dir DIR`"
+        columns = sorted({c for e in results["cells"].values() for c in e.get("summaries", {})},
+                         key=preset.rules.index)
+        only = f" --columns {','.join(columns)}" if folder.name.endswith("-he") else ""
+        command = f"`creditflow reproduce {preset.name} --budget {results['budget']}{only} --data-dir DIR`"
         for cell in preset.cells:
             entry = results["cells"].get(cell.id, {})
             for column, runs in entry.get("summaries", {}).items():
@@ -45,10 +49,11 @@ def rows(budget: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="cpu")
+    parser.add_argument("--folders", default="cpu,cpu-long,cpu-he",
+                        help="comma-separated endings of the report folders to list (<preset>-<ending>)")
     parser.add_argument("--write", action="store_true", help="replace the table in docs/reproduction/README.md")
     args = parser.parse_args()
-    table = "\n".join(rows(args.budget))
+    table = "\n".join(rows(args.folders.split(",")))
     if not args.write:
         print(table)
         return
