@@ -126,3 +126,36 @@ def tiny_associated(kind="mlp", seed=0, batch_norm=False):
                  for c_in, c_out in ((2, 3), (3, 4))]
         shape = (2, 8, 8)
     return fold(units, input_shape=shape, num_classes=3, width=4, bridge_width=6).double()
+
+
+def needs_folded(rule_name: str) -> bool:
+    """Does the rule train folded (associated-learning) models only? Read from its model refusal."""
+    from creditflow.registry import RULES
+
+    why = RULES.get(rule_name).builder.model_refusal(tiny_mlp())
+    return why is not None and "folded" in why
+
+
+def tiny_model_for(rule_name: str, kind: str = "mlp") -> nn.Module:
+    """The tiny float64 model of ``kind`` ("mlp", or "cnn" with BatchNorm) a rule trains: its
+    associated-learning twin for a rule that needs a folded model."""
+    if needs_folded(rule_name):
+        return tiny_associated("mlp" if kind == "mlp" else "cnn", batch_norm=kind == "cnn")
+    return tiny_mlp(unused_parameter=False) if kind == "mlp" else tiny_cnn(batch_norm=True)
+
+
+def rule_and_copy(rule_name: str, kind: str = "mlp", dtype: torch.dtype = torch.float64):
+    """Two identical rules (one built, one deep-copied) on :func:`tiny_model_for` in ``dtype``; the
+    test is skipped where the rule does not train that kind of model (DTP: MLPs only)."""
+    import copy
+
+    import pytest
+
+    import creditflow as cf
+    from creditflow.registry import RULES
+
+    model = tiny_model_for(rule_name, kind).to(dtype)
+    if RULES.get(rule_name).builder.model_refusal(model):
+        pytest.skip(f"{rule_name} does not train {kind} models")
+    rule = cf.rules.build(rule_name, model, num_classes=3)
+    return rule, copy.deepcopy(rule)

@@ -8,17 +8,13 @@ import pytest
 import torch
 
 import creditflow as cf
-from creditflow.registry import RULES as REGISTRY
-from tests.reference import batch, tiny_associated, tiny_mlp
+from tests.reference import batch, tiny_mlp, tiny_model_for
 
 RULES = cf.rules.available()
 
 
 def float_rule(name):
-    model = tiny_mlp(unused_parameter=False).float()
-    if REGISTRY.get(name).builder.model_refusal(model):
-        model = tiny_associated("mlp").float()
-    return cf.rules.build(name, model, num_classes=3)
+    return cf.rules.build(name, tiny_model_for(name).float(), num_classes=3)
 
 
 def grads(rule):

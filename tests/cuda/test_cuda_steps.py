@@ -5,24 +5,15 @@ Every rule's step on the same float64 weights and batch gives the same gradients
 raises on one: an ``.item()``, a ``nonzero``, a pageable copy hidden in the hot path).
 """
 
-import copy
 
 import pytest
 import torch
 
 import creditflow as cf
-from creditflow.registry import RULES as REGISTRY
-from tests.reference import batch, tiny_associated, tiny_cnn, tiny_mlp
+from tests.reference import batch, rule_and_copy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu_check.sh runs it)")
 RULES = cf.rules.available()
-
-
-def model_for(name, kind):
-    why = REGISTRY.get(name).builder.model_refusal(tiny_mlp())
-    if why and "folded" in why:
-        return tiny_associated("mlp" if kind == "mlp" else "cnn", batch_norm=kind == "cnn")
-    return tiny_mlp(unused_parameter=False) if kind == "mlp" else tiny_cnn(batch_norm=True)
 
 
 @pytest.fixture(autouse=True)
@@ -36,12 +27,9 @@ def no_tf32():
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("name", RULES)
 def test_a_step_on_cuda_equals_the_cpu_step_without_a_host_sync(name, kind):
-    model = model_for(name, kind)
-    if REGISTRY.get(name).builder.model_refusal(model):
-        pytest.skip(f"{name} does not train this model")
-    cpu = cf.rules.build(name, model, num_classes=3)
-    gpu = copy.deepcopy(cpu).to("cuda")
-    x, y = batch(model.input_shape, n=16)
+    cpu, gpu = rule_and_copy(name, kind)
+    gpu.to("cuda")
+    x, y = batch(cpu.model.input_shape, n=16)
     torch.manual_seed(0)
     cpu.step(x, y)
     xg, yg = x.cuda(), y.cuda()

@@ -9,7 +9,6 @@ mantissa: a product of two bf16 roundings
 has a relative error near 2^-8 per element, which averages out in a gradient's direction).
 """
 
-import copy
 
 import pytest
 import torch
@@ -17,17 +16,14 @@ from torch.nn import functional as F
 
 import creditflow as cf
 from creditflow.registry import RULES as REGISTRY
-from tests.reference import batch, tiny_associated, tiny_cnn, tiny_mlp
+from tests.reference import batch, rule_and_copy, tiny_model_for
 
 RULES = cf.rules.available()
 MIN_COSINE = 0.999
 
 
 def float_model(name, kind):
-    if REGISTRY.get(name).builder.model_refusal(tiny_mlp()) and "folded" in REGISTRY.get(name).builder.model_refusal(
-            tiny_mlp()):
-        return tiny_associated("mlp" if kind == "mlp" else "cnn", batch_norm=kind == "cnn").float()
-    return (tiny_mlp(unused_parameter=False) if kind == "mlp" else tiny_cnn(batch_norm=True)).float()
+    return tiny_model_for(name, kind).float()
 
 
 def agreement(rule, ref):
@@ -43,12 +39,8 @@ def agreement(rule, ref):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("name", RULES)
 def test_every_rule_steps_under_bf16_autocast_and_agrees_with_fp32(name, kind):
-    model = float_model(name, kind)
-    if REGISTRY.get(name).builder.model_refusal(model):
-        pytest.skip(f"{name} does not train this model")
-    rule = cf.rules.build(name, model, num_classes=3)
-    ref = copy.deepcopy(rule)
-    x, y = batch(model.input_shape, n=32)
+    rule, ref = rule_and_copy(name, kind, torch.float32)
+    x, y = batch(rule.model.input_shape, n=32)
     x = x.float()
     torch.manual_seed(0)
     ref.step(x, y)

@@ -7,7 +7,7 @@ import torch
 
 import creditflow as cf
 from creditflow.registry import RULES as RULES_REGISTRY
-from tests.reference import batch, tiny_associated, tiny_cnn, tiny_mlp
+from tests.reference import batch, needs_folded, tiny_associated, tiny_cnn, tiny_mlp
 
 RULES = cf.rules.available()
 MODELS = {"mlp": lambda: tiny_mlp(unused_parameter=False), "cnn": tiny_cnn, "cnn-bn": lambda: tiny_cnn(batch_norm=True)}
@@ -15,12 +15,6 @@ MODELS = {"mlp": lambda: tiny_mlp(unused_parameter=False), "cnn": tiny_cnn, "cnn
 
 AL_MODELS = {"mlp": lambda: tiny_associated("mlp"), "cnn": lambda: tiny_associated("cnn"),
              "cnn-bn": lambda: tiny_associated("cnn", batch_norm=True)}
-
-
-def needs_folded(rule_name):
-    """Does the rule train folded (associated-learning) models only? Read from its model refusal."""
-    why = RULES_REGISTRY.get(rule_name).builder.model_refusal(tiny_mlp())
-    return why is not None and "folded" in why
 
 
 def make_model(rule_name, model_name):

@@ -7,7 +7,6 @@
 - a plain ``loss.backward()`` is the same path as ``rule.backward(loss)``.
 """
 
-import copy
 
 import pytest
 import torch
@@ -15,26 +14,13 @@ from torch.nn import functional as F
 
 import creditflow as cf
 from creditflow.registry import RULES as REGISTRY
-from tests.reference import batch, tiny_associated, tiny_cnn, tiny_mlp
+from tests.reference import batch, rule_and_copy, tiny_mlp
 
 RULES = cf.rules.available()
 
 
-def needs_folded(name):
-    why = REGISTRY.get(name).builder.model_refusal(tiny_mlp())
-    return why is not None and "folded" in why
-
-
 def fresh_pair(name, kind="mlp"):
-    """Two identical rules (one built, one deep-copied) on a tiny float64 model of that kind."""
-    if needs_folded(name):
-        model = tiny_associated("mlp" if kind == "mlp" else "cnn")
-    else:
-        model = tiny_mlp(unused_parameter=False) if kind == "mlp" else tiny_cnn(batch_norm=True)
-    if REGISTRY.get(name).builder.model_refusal(model):
-        pytest.skip(f"{name} does not train {kind} models")
-    rule = cf.rules.build(name, model, num_classes=3)
-    return rule, copy.deepcopy(rule)
+    return rule_and_copy(name, kind)
 
 
 def grads(rule):

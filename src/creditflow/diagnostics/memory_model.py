@@ -122,10 +122,9 @@ def memory_table(model: str, rules: list[str], batch_size: int = 64, num_classes
     Every rule wraps its own copy of the same seeded model and sees the same random batch;
     ``precision`` ``bf16``/``fp16``: the step runs under autocast (what the trainer's ``--precision`` does).
     """
-    from ..train.precision import Precision
-
     from .. import models as model_registry
     from .. import rules as rule_registry
+    from ..train.precision import Precision
     from .memory import peak_memory
 
     rows, x, y = [], None, None
