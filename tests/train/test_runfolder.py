@@ -135,3 +135,21 @@ def test_a_run_made_before_an_option_existed_resumes_when_the_option_is_at_its_d
     line = one_line(cli("train", "--out", str(out), *TINY, "--resume", "--test-every", "best"))
     assert "differs in test_every None -> 'best'" in line
     assert cli("train", "--out", str(out), *TINY, "--resume").exit_code == 0
+
+
+def test_a_finished_run_is_read_back_even_without_its_checkpoint(tmp_path, monkeypatch, caplog):
+    """Committed reports keep no checkpoint: resuming a preset over them must not train them again."""
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, epochs=2, out=str(out))
+    first = train(cfg, progress=False)
+    (out / "checkpoint.pt").unlink()
+    trained = []
+    real = Strategy.run_epoch
+    monkeypatch.setattr(Strategy, "run_epoch", lambda self, *a: trained.append(1) or real(self, *a))
+    with caplog.at_level("INFO", logger="creditflow"):
+        assert train(cfg, resume=True, progress=False) == first and trained == []
+    assert "holds a finished run (2 epochs): read back" in caplog.text
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(rows[0] + "\n")  # cut after epoch 1: not finished, trained afresh
+    train(cfg, resume=True, progress=False)
+    assert trained and len((out / "metrics.jsonl").read_text().splitlines()) == 2

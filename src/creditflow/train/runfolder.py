@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -93,6 +94,24 @@ def claim(folder: str | Path, config: BaseModel | None, *, resume: bool = False,
         os.close(fd)  # releases the lock
 
 
+def finished_summary(folder: str | Path, epochs: int) -> dict[str, Any] | None:
+    """The summary of a run in ``folder`` that trained all ``epochs``, else ``None``.
+
+    A finished run is its ``summary.json`` and ``metrics.jsonl`` of every epoch; its checkpoint may be
+    gone (committed reports keep no checkpoints), so a re-run reads it back instead of training it again.
+    """
+    folder = Path(folder)
+    path, metrics = folder / "summary.json", folder / "metrics.jsonl"
+    if not (path.is_file() and metrics.is_file()):
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        rows = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("epochs") == epochs and rows >= epochs else None
+
+
 def _make(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out {folder} is a file, not a folder; choose another --out")
@@ -146,4 +165,4 @@ def _check_config(folder: Path, config: BaseModel, resume: bool, extend: bool, i
                          f"--resume --config {path}{longer}, choose another --out, or pass --overwrite to replace it")
 
 
-__all__ = ["RunFolderError", "claim", "config_diff"]
+__all__ = ["RunFolderError", "claim", "config_diff", "finished_summary"]

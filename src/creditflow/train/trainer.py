@@ -34,7 +34,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, write_text
 from .config import PLACEMENT_KEYS, RunConfig, dump_yaml
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
 from .precision import Precision
-from .runfolder import claim, config_diff
+from .runfolder import claim, config_diff, finished_summary
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,10 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, callba
     owner = int(os.environ.get("RANK", "0")) == 0
     with (claim(cfg.out_dir(), cfg, resume=resume, overwrite=overwrite, extend=extend)
           if owner else contextlib.nullcontext()):
+        if resume and not extend and (done := finished_summary(cfg.out_dir(), cfg.epochs)) is not None:
+            if owner:
+                log.info("%s holds a finished run (%d epochs): read back, nothing to train", cfg.out_dir(), cfg.epochs)
+            return done
         return STRATEGIES[cfg.parallel].run(cfg, resume=resume, progress=progress, callbacks=callbacks)
 
 
