@@ -318,6 +318,17 @@ def attach_feedback(model: nn.Module, make_feedback: Callable[[nn.Module], Tenso
     return swapped
 
 
+def fixed_feedback_linear(in_features: int, out_features: int, bound: float = 1.0) -> FeedbackLinear:
+    """A Linear that is FA whatever rule trains it: ``B ~ U(-bound, bound)``, a buffer no rule updates.
+
+    Rules give feedback only to plain layers (:func:`attach_feedback` skips this one), so its ``B``
+    stays as drawn (from the global RNG) under KP, ASAP or BP alike. The ASAP authors' classifier
+    (``Linear_FA`` in their ``code/resnet.py``) is this layer with ``bound = 1``.
+    """
+    layer = nn.Linear(in_features, out_features)
+    return make_feedback_layer(layer, torch.empty_like(layer.weight).uniform_(-bound, bound))
+
+
 def random_like_init(layer: nn.Module, scale: float = 1.0) -> Tensor:
     """A fresh tensor drawn from the layer's own weight init (Kaiming-uniform, a=sqrt(5)), times ``scale``."""
     b = torch.empty_like(layer.weight)

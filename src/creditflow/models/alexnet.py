@@ -5,11 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import register_model
-from .blocks import BlockNet, parse_dims
+from .blocks import BlockNet, classifier, parse_dims
 
 
 def alexnet(spec: str = "", *, input_shape=(3, 32, 32), num_classes: int = 10, fc: str = "1024-1024",
-            batch_norm: bool = False) -> BlockNet:
+            batch_norm: bool = False, head: str = "linear") -> BlockNet:
     """``64 Conv3x3 - 128 Conv3x3 - 256 Conv3x3 - 1024 FC - 1024 FC - C FC`` (6 blocks).
 
     Convs have stride 1 and padding 2 (as the thesis states), each followed by ReLU and a 2x2
@@ -18,7 +18,9 @@ def alexnet(spec: str = "", *, input_shape=(3, 32, 32), num_classes: int = 10, f
     Map sizes: 28 -> 15 -> 8 -> 5, 32 -> 17 -> 9 -> 5, 64 -> 33 -> 17 -> 9.
     ``spec`` overrides the conv channels (``"64-128-256"``), ``fc`` the hidden FC widths.
     ``batch_norm=True`` puts BatchNorm after every layer, the logits included, as the authors' code
-    (``code/convnet.py``) does; the thesis's text names none.
+    (``code/convnet.py``) does; the thesis's text names none. ``head="fa-bn"``: the authors'
+    classifier, a Linear whose error reaches the body through a fixed ``B ~ U(-1, 1)`` under every
+    rule, then BatchNorm1d (:data:`~creditflow.models.blocks.HEADS`).
     """
     channels = parse_dims(spec or "64-128-256", "alexnet-asap channels")
     widths = parse_dims(fc, "alexnet-asap fc widths")
@@ -33,14 +35,14 @@ def alexnet(spec: str = "", *, input_shape=(3, 32, 32), num_classes: int = 10, f
         norm = [nn.BatchNorm1d(width)] if batch_norm else []
         blocks.append(nn.Sequential(*([nn.Flatten()] if i == 0 else []), nn.Linear(d, width), *norm, nn.ReLU()))
         d = width
-    blocks.append(nn.Sequential(nn.Linear(d, num_classes), nn.BatchNorm1d(num_classes)) if batch_norm
-                  else nn.Linear(d, num_classes))
+    logits = classifier(d, num_classes, head, batch_norm)
+    blocks.append(nn.Sequential(*logits) if len(logits) > 1 else logits[0])
     net = BlockNet(blocks, input_shape)
     # Activation sharing as the authors' code (code/convnet.py) lays it out: the convs after the frozen
     # first share (one group at k = 2: conv3 reads conv2's input, the pooled stem output); the fully
     # connected classifier reads its own inputs (FA-like).
     fc = [f"{len(channels) + i}.{1 if i == 0 else 0}" for i in range(len(widths))]
-    fc.append(f"{len(blocks) - 1}.0" if batch_norm else str(len(blocks) - 1))
+    fc.append(f"{len(blocks) - 1}.0" if len(logits) > 1 else str(len(blocks) - 1))
     net.activation_sharing = {"own_input": fc}
     return net
 

@@ -72,6 +72,25 @@ def parse_dims(text: str, what: str) -> list[int]:
 INITS = ("torch", "he-normal")
 
 
+#: classifiers a model may end in: ``linear`` (a plain Linear, trained by the rule like every other
+#: layer) or ``fa-bn`` (the ASAP authors' classifier, code/resnet.py and code/convnet.py: a Linear whose
+#: error reaches the body through a fixed ``B ~ U(-1, 1)`` under every rule, then BatchNorm1d on the
+#: logits)
+HEADS = ("linear", "fa-bn")
+
+
+def classifier(in_features: int, num_classes: int, head: str = "linear", batch_norm: bool = False) -> list[nn.Module]:
+    """The logit layers of a head (one of :data:`HEADS`); ``batch_norm``: BatchNorm1d on the logits
+    of a ``linear`` head too (``fa-bn`` always has it)."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; available: {', '.join(HEADS)}")
+    if head == "fa-bn":
+        from ..mechanisms.feedback import fixed_feedback_linear  # mechanisms import models' helpers
+
+        return [fixed_feedback_linear(in_features, num_classes), nn.BatchNorm1d(num_classes)]
+    return [nn.Linear(in_features, num_classes), *([nn.BatchNorm1d(num_classes)] if batch_norm else [])]
+
+
 def apply_init(module: nn.Module, init: str) -> nn.Module:
     """``module`` with every Linear/Conv2d initialised by ``init`` (one of :data:`INITS`)."""
     if init not in INITS:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..registry import register_model
-from .blocks import BlockNet
+from .blocks import BlockNet, classifier
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -78,7 +78,7 @@ def _positive_int(value, what: str) -> int:
 
 def resnet(depths: Sequence[int], shortcut: bool = True, *, name: str = "resnet", spec: str = "",
            input_shape=(3, 32, 32), num_classes: int = 10, width: int = 64,
-           stem_stride: int | None = None) -> BlockNet:
+           stem_stride: int | None = None, head: str = "linear") -> BlockNet:
     """A CIFAR-style ResNet of ``BasicBlock``s: stem, ``sum(depths)`` blocks, head, one child each.
 
     Args:
@@ -90,6 +90,9 @@ def resnet(depths: Sequence[int], shortcut: bool = True, *, name: str = "resnet"
         num_classes: size of the logits.
         width: channels of the stem and stage 1; stage k has ``width * 2**(k-1)``.
         stem_stride: 1 or 2; None chooses 2 when ``min(H, W) >= 64`` (TinyImageNet), else 1.
+        head: ``linear`` (pool, flatten, Linear) or ``fa-bn``: the ASAP authors' classifier, whose
+            Linear sends the error through a fixed ``B ~ U(-1, 1)`` under every rule, then
+            BatchNorm1d (:data:`~creditflow.models.blocks.HEADS`).
     """
     if spec:
         raise ValueError(f"{name} takes no ':' details, got {spec!r}; use options, e.g. width=16")
@@ -115,7 +118,7 @@ def resnet(depths: Sequence[int], shortcut: bool = True, *, name: str = "resnet"
             stride = 2 if stage > 0 and i == 0 else 1
             blocks.append(BasicBlock(c_in, c_out, stride, shortcut))
             c_in = c_out
-    blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)))
+    blocks.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *classifier(c_in, num_classes, head)))
     net = BlockNet(blocks, tuple(input_shape))
     # Activation sharing as eq. 5.3 and the authors' code (code/resnet.py) lay it out: groups of k
     # slots end at a block's conv1, so each group {conv2 of block j-1, conv1 + shortcut of block j}
