@@ -55,9 +55,22 @@ def test_compare_writes_a_table(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["rule"] for r in rows] == ["bp", "dfa"] and rows[0]["step_time_vs_bp"] == 1.0
     assert all(r["seeds"] == 2 for r in rows)
-    assert rows[0]["memory_vs_bp"] == 1.0 and 0 < rows[1]["memory_vs_bp"] <= 1.0  # saved-for-backward bytes on CPU
+    assert rows[0]["saved_vs_bp"] == 1.0 and 0 < rows[1]["saved_vs_bp"] <= 1.0  # saved-for-backward bytes
+    assert rows[0]["peak_vs_bp"] is None and "peak vs BP" not in result.output  # no allocator peak on CPU
     assert "| dfa |" in (tmp_path / "results.md").read_text() and "| dfa |" in result.output
     assert (tmp_path / "results.csv").read_text().startswith("rule,seeds,test_acc_mean")
+
+
+def test_compare_never_sets_one_memory_measure_against_the_other():
+    from creditflow.jobs.compare import table_rows
+
+    def run_of(saved, peak):
+        return [{"test_acc": 0.5, "val_acc": 0.5, "seconds_per_step": 0.1, "saved_for_backward_bytes": saved,
+                 "peak_memory_bytes": peak}]
+
+    # a CUDA run: BP with both; a pipelined rule without saved bytes (stages step apart)
+    rows = table_rows({"bp": run_of(100, 1000), "dfa": run_of(None, 800), "fa": run_of(50, None)})
+    assert [(r["saved_vs_bp"], r["peak_vs_bp"]) for r in rows] == [(1.0, 1.0), (None, 0.8), (0.5, None)]
 
 
 def test_reproduce_command_rejects_unknown_presets_and_budgets():
