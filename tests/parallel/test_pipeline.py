@@ -199,3 +199,30 @@ def test_more_processes_than_cores_warn_once_and_still_run(tmp_path, monkeypatch
     warnings = [r.getMessage() for r in caplog.records if "share cores" in r.getMessage()]
     assert warnings == [f"{flag} 2 on 1 CPU cores: the processes will share cores (slower than fewer)"]
     assert started == [2]
+
+
+def test_stage_times_on_cuda_are_taken_only_when_profiling():
+    """A host clock does not see queued CUDA work: unsynchronised busy/wait times would be launch
+    times. The runner reports them on CUDA only with profile=True (which synchronises per reading)."""
+    from types import SimpleNamespace
+
+    from creditflow.parallel.pipeline import Runner
+
+    def runner(device, profile):
+        stage = SimpleNamespace(device=torch.device(device), waits_for_error=False, num_stages=2, index=0)
+        return Runner(stage, None, "sync", None, profile=profile)
+
+    assert runner("cpu", False).timed and runner("cuda", True).timed and not runner("cuda", False).timed
+
+
+def test_every_channel_has_a_group_of_its_own():
+    """NCCL matches messages between two ranks of a group in post order, whatever their tags: two
+    channels on one group between the same pair could cross. Read off the transport's own layout."""
+    import inspect
+
+    from creditflow.parallel import transport
+
+    assert set(transport.Groups._fields) == {"control", "headers", "forward", "errors", "decodes"}
+    source = inspect.getsource(transport.Links)
+    for channel in ("headers", "forward", "errors", "decodes"):
+        assert source.count(f"group=self.groups.{channel}") == 2, channel  # its send and its receive

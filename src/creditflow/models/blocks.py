@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..mechanisms.feedback import fixed_feedback_linear
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
@@ -85,8 +87,6 @@ def classifier(in_features: int, num_classes: int, head: str = "linear", batch_n
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; available: {', '.join(HEADS)}")
     if head == "fa-bn":
-        from ..mechanisms.feedback import fixed_feedback_linear  # mechanisms import models' helpers
-
         return [fixed_feedback_linear(in_features, num_classes), nn.BatchNorm1d(num_classes)]
     return [nn.Linear(in_features, num_classes), *([nn.BatchNorm1d(num_classes)] if batch_norm else [])]
 

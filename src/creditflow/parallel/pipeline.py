@@ -6,13 +6,11 @@ units (AL components; a direct rule's hidden blocks and its top) on S processes,
 ``torch.distributed`` point-to-point messages (gloo on CPU, NCCL and one GPU per stage on CUDA).
 :func:`fit` is the same engine for a rule object and a list of batches.
 
-Messages (fixed size per boundary, so a receiver can post the next one before it needs it):
-
-- forward, stage s -> s+1: a header ``[k, N, y_1..y_N, pad]`` (int64) and the boundary tensors
-  (a direct rule's ``h``; AL's ``s`` and ``t``), padded to the batch size.
-- errors, last stage -> every stage whose blocks need them (direct rules but DRTP, local
-  classifiers, Shallow): ``[e | logits]`` (N, 2C), on a process group of its own so the two
-  directions never queue behind each other (NCCL runs one stream per group).
+Messages (:mod:`creditflow.parallel.transport`, one process group per channel): forward, stage
+s -> s+1, a host header ``[k, n]`` and the labels and boundary tensors (a direct rule's ``h``; AL's
+``s`` and ``t``) padded to the batch size, so a receiver posts the next message before it needs it;
+errors, last stage -> every stage whose blocks need them (direct rules but DRTP, local classifiers,
+Shallow), ``[e | logits]``; AL's decoded predictions back down.
 
 Schedule (``docs/parallel.md`` has the table). Each stage updates its own tensors with its own
 optimizer as soon as it has what it needs:
@@ -38,7 +36,6 @@ checkpoints are written by rank 0 only, atomically, after every stage's state ha
 from __future__ import annotations
 
 import copy
-import datetime
 import logging
 import time
 from collections import deque
@@ -69,13 +66,11 @@ from .stages import (
     make_plan,
     pipelinable_rules,
 )
+from .transport import Groups, Links, make_groups
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("sync", "async")
-FORWARD_TAG, ERROR_TAG, DECODE_TAG = 0, 1, 2
-#: forward messages a stage may have in flight before it waits for the oldest (bounds run-ahead)
-SEND_WINDOW = 4
 
 
 def lag(stage: Stage, schedule: str) -> int:
@@ -87,105 +82,6 @@ def lag(stage: Stage, schedule: str) -> int:
     return stage.num_stages - 1 - stage.index
 
 
-class Links:
-    """Point-to-point messages of one stage: forward to its neighbours, errors from the last stage."""
-
-    def __init__(self, stage: Stage, plan: Plan, batch_size: int, num_classes: int, dtype: torch.dtype,
-                 device: torch.device, error_group, receivers: Sequence[int]):
-        self.stage, self.B, self.C, self.dtype, self.device = stage, batch_size, num_classes, dtype, device
-        self.index, self.S = stage.index, stage.num_stages
-        self.error_group, self.receivers = error_group, list(receivers)
-        # gloo moves CPU tensors only: stage CUDA tensors through host memory (one GPU, several stages)
-        self.wire = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        self.in_shapes = plan.inputs[self.index] if self.index > 0 else []
-        # AL: the decoded estimate of t coming back down has the shape of the t this stage sends up
-        self.decode_shape = plan.inputs[self.index + 1][-1] if self.index + 1 < self.S else None
-        self._decodes: deque = deque()
-        self._pending: deque = deque()  # (works, tensors) of our isends
-        self._posted = None  # the next forward message, already posted
-        self._errors: deque = deque()  # posted error receives, oldest first
-
-    # forward channel
-    def send_forward(self, k: int, y: Tensor, tensors: Sequence[Tensor]) -> None:
-        n = len(y)
-        header = torch.zeros(2 + self.B, dtype=torch.long, device=self.wire)
-        header[0], header[1] = k, n
-        header[2:2 + n] = y.to(self.wire)
-        payload = [self._pad(t) for t in tensors]
-        works = [dist.isend(t, self.index + 1, tag=FORWARD_TAG) for t in (header, *payload)]
-        self._pending.append((works, (header, *payload)))
-        while len(self._pending) > SEND_WINDOW:
-            self._wait_oldest()
-
-    def recv_forward(self, prefetch: bool) -> tuple[list[Tensor], Tensor]:
-        if self._posted is None:
-            self._posted = self._post_forward()
-        works, bufs = self._posted
-        for w in works:
-            w.wait()
-        self._posted = self._post_forward() if prefetch else None
-        n = int(bufs[0][1])
-        y = bufs[0][2:2 + n].to(self.device)
-        return [b[:n].to(self.device) for b in bufs[1:]], y
-
-    def _post_forward(self):
-        bufs = [torch.empty(2 + self.B, dtype=torch.long, device=self.wire)]
-        bufs += [torch.empty(self.B, *shape, dtype=self.dtype, device=self.wire) for shape in self.in_shapes]
-        return [dist.irecv(b, self.index - 1, tag=FORWARD_TAG) for b in bufs], bufs
-
-    def _pad(self, t: Tensor) -> Tensor:
-        t = t.to(self.wire)
-        if len(t) == self.B:
-            return t.contiguous()
-        out = t.new_zeros(self.B, *t.shape[1:])
-        out[:len(t)] = t
-        return out
-
-    # error channel
-    def send_errors(self, e: Tensor, logits: Tensor) -> None:
-        msg = self._pad(torch.cat([e, logits], 1).to(self.dtype))
-        works = [dist.isend(msg, r, group=self.error_group, tag=ERROR_TAG) for r in self.receivers]
-        self._pending.append((works, (msg,)))
-        while len(self._pending) > SEND_WINDOW * max(1, self.S):
-            self._wait_oldest()
-
-    def post_error(self) -> None:
-        buf = torch.empty(self.B, 2 * self.C, dtype=self.dtype, device=self.wire)
-        self._errors.append((dist.irecv(buf, self.S - 1, group=self.error_group, tag=ERROR_TAG), buf))
-
-    def take_error(self, n: int) -> tuple[Tensor, Tensor]:
-        """``(e, logits)`` of the oldest posted error message, each (n, C)."""
-        work, buf = self._errors.popleft()
-        work.wait()
-        buf = buf[:n].to(self.device)
-        return buf[:, :self.C], buf[:, self.C:]
-
-    # AL's decode channel (train accuracy): stage s+1 -> s, on the error group (AL sends no errors)
-    def send_decode(self, t: Tensor) -> None:
-        msg = self._pad(t)
-        self._pending.append(([dist.isend(msg, self.index - 1, group=self.error_group, tag=DECODE_TAG)], (msg,)))
-        while len(self._pending) > SEND_WINDOW * max(1, self.S):
-            self._wait_oldest()
-
-    def post_decode(self) -> None:
-        buf = torch.empty(self.B, *self.decode_shape, dtype=self.dtype, device=self.wire)
-        self._decodes.append((dist.irecv(buf, self.index + 1, group=self.error_group, tag=DECODE_TAG), buf))
-
-    def take_decode(self, n: int) -> Tensor:
-        work, buf = self._decodes.popleft()
-        work.wait()
-        return buf[:n].to(self.device)
-
-    def flush(self) -> None:
-        while self._pending:
-            self._wait_oldest()
-
-    def _wait_oldest(self) -> None:
-        works, _ = self._pending.popleft()
-        for w in works:
-            w.wait()
-
-
 class EpochStats(NamedTuple):
     loss_sum: float
     correct: int | None
@@ -195,8 +91,8 @@ class EpochStats(NamedTuple):
     start: float  # wall clock (time.time) of this stage's first step
     start_timed: float  # ... of its first step after ``warmup`` steps
     end: float
-    busy_s: float  # forward, update and optimizer step
-    wait_s: float  # blocked on a message
+    busy_s: float | None  # forward, update and optimizer step (None: not measured, see Runner)
+    wait_s: float | None  # blocked on a message
     losses: list[float]  # per step (only with record_losses)
     diverged: tuple[int, float, float] | None = None  # (global step, loss, first loss): this stage's first diverged step
 
@@ -216,6 +112,9 @@ class Runner:
         self.watch = watch  # the trainer's DivergenceWatch: this stage's part of each step's loss
         self.global_step = 0
         self.cuda = getattr(stage, "device", torch.device("cpu")).type == "cuda"
+        # A host clock sees a CUDA stage's work only if each reading waits for the device; that costs
+        # a sync per reading, so on CUDA busy/wait times are taken with profile=True only (else None).
+        self.timed = profile or not self.cuda
 
     def _now(self) -> float:
         if self.profile and self.cuda:
@@ -311,6 +210,7 @@ class Runner:
             torch.cuda.synchronize()
         end = time.time()
         counts = stage.is_first if runs_down else stage.is_last  # who sees the prediction
+        busy, wait = (busy, wait) if self.timed else (None, None)
         return EpochStats(loss_sum.item(), int(correct.item()) if counts else None, seen, steps,
                           {n: float(v) for n, v in metric_sums.items()}, start, start_timed, end, busy, wait,
                           losses, self.watch.check() if self.watch is not None else None)
@@ -346,22 +246,6 @@ class Runner:
 
 # --- process setup shared by the trainer and fit() -----------------------------------------------
 
-class Groups(NamedTuple):
-    control: Any  # gloo: plain-data messages (plan, states, metrics, end of epoch; parallel/messages.py)
-    errors: Any  # the error channel
-
-
-#: the control group waits this long: stages wait there while rank 0 evaluates and writes the checkpoint.
-#: A stage that dies is still seen at once (by the launcher), and the data channels keep the launch timeout.
-CONTROL_TIMEOUT = datetime.timedelta(hours=2)
-
-
-def make_groups() -> Groups:
-    world = list(range(dist.get_world_size()))
-    control = dist.new_group(world, backend="gloo", timeout=CONTROL_TIMEOUT)
-    return Groups(control, dist.new_group(world))
-
-
 def error_receivers(rule, plan: Plan) -> list[int]:
     """The stages that wait for the last stage's output error."""
     return [s for s, r in enumerate(plan.stages[:-1]) if rule.waits_for_error(r)]
@@ -371,7 +255,7 @@ def setup_stage(rule, plan: Plan, rank: int, device: torch.device, groups: Group
                 batch_size: int) -> tuple[Stage, Links]:
     stage = Stage(rule, plan, rank).to(device)
     dtype = next(rule.model.parameters()).dtype
-    links = Links(stage, plan, batch_size, rule.num_classes, dtype, device, groups.errors,
+    links = Links(stage, plan, batch_size, rule.num_classes, dtype, device, groups,
                   error_receivers(rule, plan))
     return stage, links
 
@@ -553,7 +437,8 @@ class PipelineStrategy(Strategy):
                                                                        if s.correct is not None), None),
                            all_stats[0].seen, steps, max(s.end for s in all_stats) - all_stats[0].start, metrics,
                            None, max(p or 0 for p in peaks) or None,
-                           [round(s.busy_s, 4) for s in all_stats], [round(s.wait_s, 4) for s in all_stats])
+                           *([None if t is None else round(t, 4) for t in times]
+                             for times in ([s.busy_s for s in all_stats], [s.wait_s for s in all_stats])))
 
     def gather(self, obj):
         return gather(to_cpu(obj), self.groups.control)
