@@ -25,6 +25,7 @@ from .jobs.analyze import AnalyzeOptions
 from .jobs.reproduce import ReproduceOptions
 from .registry import DATASETS, MODELS, RULES
 from .train.config import CompareConfig, ConfigError, RunConfig
+from .train.preemption import Preempted
 
 SKIP = {"rule_options", "model_options"}
 
@@ -94,7 +95,10 @@ def resolve(schema, config_file, flags: dict[str, Any], rule_option=(), model_op
 
 
 def common(command):
-    command = click.option("--resume", is_flag=True, help="continue a killed run from its checkpoint")(command)
+    command = click.option("--restart", is_flag=True,
+                           help="start the run in --out over (the same command otherwise resumes it)")(command)
+    command = click.option("--resume", is_flag=True,
+                           help="continue the run in --out from its checkpoint (the default where it has one)")(command)
     return job_options(command)
 
 
@@ -118,7 +122,13 @@ def job_options(command):
     return command
 
 
+def main_rank() -> bool:
+    """False in a torchrun launch's ranks but 0: they train and stay quiet (rank 0 reports)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup_logging(quiet: bool) -> bool:
+    quiet = quiet or not main_rank()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     return not quiet and sys.stderr.isatty()
 
@@ -182,6 +192,9 @@ class Main(click.Group):
             raise OneLineUsageError(f"{err.format_message()} ({command} --help lists the options)") from None
         except click.ClickException:
             raise
+        except Preempted as err:  # a signal stopped the run after a checkpoint: say where, exit 128 + signal
+            click.echo(one_line(err), err=True)
+            ctx.exit(err.exit_code)
         except Exception as err:  # noqa: BLE001  (the one error path; --debug shows the traceback)
             if debugging(ctx):
                 raise
@@ -213,13 +226,13 @@ def run_job(schema, job, config_file, quiet, rule_option, model_option, flags, *
 @common
 @training
 @schema_options(RunConfig)
-def train(config_file, resume, extend, overwrite, quiet, rule_option, model_option, **flags):
+def train(config_file, resume, restart, extend, overwrite, quiet, rule_option, model_option, **flags):
     """Train one rule on one model and dataset; writes config, metrics, checkpoint, summary."""
     from .train import train as run_train
 
     cfg, summary = run_job(RunConfig, run_train, config_file, quiet, rule_option, model_option, flags,
-                           resume=resume, extend=extend, overwrite=overwrite)
-    if summary is None:  # a non-zero rank of a torchrun launch: rank 0 reports
+                           resume=resume, restart=restart, extend=extend, overwrite=overwrite)
+    if summary is None or not main_rank():  # a non-zero rank of a torchrun launch: rank 0 reports
         return
     click.echo(f"{cfg.rule}: test accuracy {summary['test_acc']:.4f} at best validation epoch "
                f"{summary['best_epoch']} ({summary['selection']}); results in {cfg.out_dir()}")
@@ -228,13 +241,13 @@ def train(config_file, resume, extend, overwrite, quiet, rule_option, model_opti
 @main.command()
 @common
 @schema_options(CompareConfig, exclude={"rule"})
-def compare(config_file, resume, overwrite, quiet, rule_option, model_option, **flags):
+def compare(config_file, resume, restart, overwrite, quiet, rule_option, model_option, **flags):
     """Compare rules on the same model, data and seeds (default: BP, Shallow, FA, DFA on the embedded data)."""
     from .jobs.compare import compare as run_compare
     from .jobs.compare import to_markdown
 
     cfg, rows = run_job(CompareConfig, run_compare, config_file, quiet, rule_option, model_option, flags,
-                        resume=resume, overwrite=overwrite)
+                        resume=resume, restart=restart, overwrite=overwrite)
     click.echo(to_markdown(rows, cfg))
     click.echo(f"results in {cfg.out_dir()}/results.md, results.csv, results.json")
 

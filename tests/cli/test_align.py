@@ -147,10 +147,13 @@ def test_a_killed_probe_resumes_with_every_measurement_once(tmp_path):
     assert sorted((m["epoch"], m["block"], m["n"]) for m in means) == [
         (1, 0, 2), (1, 1, 2), (2, 0, 1), (2, 1, 1), (3, 0, 1), (3, 1, 1)]  # steps 0,3 | 6 | 9
 
-    # a resume with other probe settings, or of a run trained without the probe, is refused
+    # a resume with other probe settings, or of a run trained without the probe, is refused (runs
+    # without their summary: a finished run is read back and measures nothing)
+    (tmp_path / "straight" / "summary.json").unlink()
     with pytest.raises(ValueError, match="measured with every=3, at=pre-activation, not every=5"):
         train(cfg(tmp_path / "straight"), resume=True, progress=False,
               callbacks=[AlignmentProbe("dfa", 5, "pre-activation", tmp_path / "straight")])
     train(cfg(tmp_path / "plain"), progress=False)
+    (tmp_path / "plain" / "summary.json").unlink()
     with pytest.raises(ValueError, match="trained without the alignment probe"):
         train(cfg(tmp_path / "plain"), resume=True, progress=False, callbacks=[probe(tmp_path / "plain")])

@@ -71,6 +71,7 @@ def batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    skip: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches by indexing the in-memory tensors.
 
@@ -81,6 +82,9 @@ def batches(
             otherwise in stored order, as views without a copy.
         generator: source of the permutation; its device is where the permutation is drawn.
         drop_last: skip a final batch smaller than ``batch_size``.
+        skip: leave out the first ``skip`` batches (an epoch resumed where it was cut): the
+            permutation is drawn as for the whole epoch, so the next batch is the one the
+            uninterrupted epoch would give.
 
     Yields:
         x: uint8 (B, C, H, W); y: int64 (B,).
@@ -89,12 +93,13 @@ def batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(data)
     stop = n - n % batch_size if drop_last else n
+    first = skip * batch_size
     if shuffle:
         device = generator.device if generator is not None else torch.device("cpu")
         order = torch.randperm(n, generator=generator, device=device).to(data.labels.device)
-        for start in range(0, stop, batch_size):
+        for start in range(first, stop, batch_size):
             index = order[start : start + batch_size]
             yield data.images[index], data.labels[index]
     else:
-        for start in range(0, stop, batch_size):
+        for start in range(first, stop, batch_size):
             yield data.images[start : start + batch_size], data.labels[start : start + batch_size]

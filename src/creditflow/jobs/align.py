@@ -136,15 +136,15 @@ class AlignmentProbe(Callback):
         if self.path is None:
             return
         settings, saved = {"every": self.every, "at": self.at}, self.path.parent / "probe.json"
-        if trainer.epochs_done:
+        if trainer.global_step:
             if not saved.is_file():
                 raise ValueError(f"{self.path.parent} was trained without the alignment probe; measuring from here "
                                  "on would leave its first epochs out: start it in another folder")
             if (before := json.loads(saved.read_text())) != settings:
                 raise ValueError(f"{self.path.parent} was measured with every={before['every']}, at={before['at']}, "
                                  f"not every={self.every}, at={self.at}: use its settings or another folder")
-            done = trainer.epochs_done  # rows of an epoch the checkpoint does not hold are measured again
-            self.rows = [r for r in read_jsonl(self.path) if r["epoch"] <= done]
+            # rows of steps the checkpoint does not hold (after it was written) are measured again
+            self.rows = [r for r in read_jsonl(self.path) if r["step"] < trainer.global_step and not r.get("final")]
         write_json(saved, settings)
 
     def on_epoch_start(self, trainer, epoch):
@@ -162,6 +162,9 @@ class AlignmentProbe(Callback):
         log.info("%s epoch %d: test %s, mean cosine this epoch %s", self.spec, row["epoch"],
                  fmt(row["test_acc"], ".3f"), " ".join(f"block{m['block']} {fmt(m['cosine'], '.3f')}" for m in means))
         self._save()
+
+    def on_checkpoint(self, trainer):
+        self._save()  # a mid-epoch checkpoint: the rows up to it resume with it
 
     def on_fit_end(self, trainer, summary):
         if self.last is not None:  # step = number of updates

@@ -9,24 +9,27 @@ from ..report import csv_text, fmt, markdown_table, mean_std, plot_curves
 from ..train.checkpoint import write_json, write_text
 from ..train.config import CompareConfig, dump_yaml
 from ..train.metrics import read_jsonl
+from ..train.preemption import stop_signals
 from ..train.runfolder import claim
 from ..train.trainer import train
 
 
 def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True,
-            overwrite: bool = False) -> list[dict[str, Any]]:
+            overwrite: bool = False, restart: bool = False) -> list[dict[str, Any]]:
     """Train every rule for every seed; write results.{md,csv,json} and return the table rows.
 
-    ``resume``: finished runs are read back, not trained again; killed ones continue.
+    Finished runs are read back, not trained again, and cut ones continue (``resume`` asks for it
+    explicitly); ``restart`` trains every run again.
     """
     cfg = cfg.model_copy(update={"out": str(cfg.out_dir())})
     out = cfg.out_dir()
-    with claim(out, cfg, resume=resume, overwrite=overwrite):
+    with claim(out, cfg, resume=resume, overwrite=overwrite), stop_signals():  # a signal between runs too
         write_text(out / "config.yaml", dump_yaml(cfg))
         runs: dict[str, list[dict[str, Any]]] = {r: [] for r in cfg.rules}
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             for rule in cfg.rules:  # rules inner: a slow machine drifts across all rules alike
-                runs[rule].append(train(cfg.run(rule, seed), resume=resume, progress=progress, overwrite=overwrite))
+                runs[rule].append(train(cfg.run(rule, seed), resume=resume, progress=progress, overwrite=overwrite,
+                                        restart=restart))
         rows = table_rows(runs)
         write_json(out / "results.json", {"config": cfg.model_dump(mode="json"), "rows": rows, "runs": runs})
         write_text(out / "results.csv", to_csv(rows))

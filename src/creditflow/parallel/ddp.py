@@ -40,10 +40,11 @@ from .launch import (
     device_kind,
     is_torchrun,
     launch,
+    log_like_parent,
     warn_if_oversubscribed,
     worker_device,
 )
-from .messages import broadcast
+from .messages import broadcast, gather
 
 __all__ = ["DataParallel", "DataParallelStrategy"]
 
@@ -272,6 +273,9 @@ class DataParallelStrategy(Strategy):
     """``--parallel ddp``: every rank runs the one-process loop on its shard of each batch, with
     :class:`DataParallel` synchronising around each step; rank 0 evaluates and writes."""
 
+    #: ranks look at the stop request together every this many steps (one tiny gloo all-reduce)
+    STOP_CHECK_EVERY = 10
+
     @classmethod
     def run(cls, cfg, *, resume=False, progress=True, callbacks=()):
         if is_torchrun():  # torchrun decides how many processes there are
@@ -287,6 +291,8 @@ class DataParallelStrategy(Strategy):
         super().__init__(cfg)
         self.sync = DataParallel(seed=cfg.seed)
         self.rank, self.world_size = self.sync.rank, self.sync.world_size
+        # host-side agreement on a stop (and a cut's per-rank state), off the NCCL stream
+        self.control = dist.new_group(list(range(self.world_size)), backend="gloo")
 
     @property
     def device(self):
@@ -304,6 +310,18 @@ class DataParallelStrategy(Strategy):
 
     def shard(self, x, y):
         return self.sync.shard(x, y)
+
+    def stop_agreed(self, requested, step):
+        """A signal may reach the ranks at different steps: every STOP_CHECK_EVERY steps they take the
+        maximum of their requests, so all stop after the same step."""
+        if step % self.STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor([int(requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(flag)
+
+    def gather_all(self, obj):
+        return gather(obj, self.control)
 
     def after_step(self):
         self.sync.after_step()  # average .grad (and rule-owned state) over ranks
@@ -332,8 +350,7 @@ class DataParallelStrategy(Strategy):
 def _rank_main(rank: int, world_size: int, cfg_json: dict, resume: bool, progress: bool, level: int, callbacks):
     from ..train.config import RunConfig
 
-    if not logging.getLogger().handlers:  # a spawned process: log as the parent did, rank 0 only
-        logging.basicConfig(level=level if rank == 0 else logging.WARNING, format="%(message)s")
+    log_like_parent(rank, level)
     cfg = RunConfig.model_validate(cfg_json)
     strategy = DataParallelStrategy(cfg)
     return Trainer(cfg, strategy, callbacks, progress).fit(resume)

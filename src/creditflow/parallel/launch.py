@@ -14,7 +14,9 @@ collective on a peer that never comes raises instead of waiting for ever.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -32,7 +34,7 @@ import torch.distributed as dist
 
 from ..devices import resolve_device
 
-__all__ = ["WorkerFailed", "barrier", "find_free_port", "is_torchrun", "launch", "resolve_backend",
+__all__ = ["WorkerFailed", "barrier", "log_like_parent", "quiet_unless_main", "find_free_port", "is_torchrun", "launch", "resolve_backend",
            "device_kind", "warn_if_oversubscribed", "worker_device"]
 
 #: after the first failure, how long other workers get to report theirs (to find the root cause)
@@ -106,6 +108,20 @@ def worker_device() -> torch.device:
     return _device if _device is not None else torch.device("cpu")
 
 
+def log_like_parent(rank: int, level: int) -> None:
+    """A spawned worker logs as its parent did, rank 0 only (the others warnings and errors): one
+    quiet rank, whatever the strategy. Under torchrun every rank is a CLI that set its own logging;
+    :func:`quiet_unless_main` quiets the others there."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level if rank == 0 else logging.WARNING, format="%(message)s")
+    quiet_unless_main(rank)
+
+
+def quiet_unless_main(rank: int) -> None:
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
 def barrier() -> None:
     """A barrier that works on every backend (NCCL's needs the device; gloo's does not)."""
     if dist.get_backend() == "nccl":
@@ -139,6 +155,9 @@ def _entry(rank, world_size, port, backend, kind, timeout_s, threads, conn, work
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     if threads is not None:
         torch.set_num_threads(threads)
+    from ..train import preemption
+
+    preemption.SECOND_SIGNAL_ENDS = False  # the launcher forwards every signal it gets: see _forward_signals
     _exit_with_parent()
     _thread_lock_for_tqdm()
     try:
@@ -295,12 +314,44 @@ def _launch(worker, nprocs, args, backend, device, timeout_s, role, threads) -> 
             send.close()  # the child holds the write end: EOF here once it is gone
             procs.append(p)
             conns[recv] = rank
-        return _collect(procs, conns, role, timeout_s)
+        with _forward_signals(procs):
+            return _collect(procs, conns, role, timeout_s)
     finally:
         _stop(procs)
         for c in conns:
             c.close()
         del store
+
+
+@contextlib.contextmanager
+def _forward_signals(procs):
+    """While the workers run, SIGTERM and SIGINT to this process go on to every worker: a worker of a
+    preemptible strategy stops at a step boundary with a checkpoint and reports
+    :class:`~creditflow.train.preemption.Preempted`, which ends the launch; a worker that cannot
+    (the pipeline) takes the signal's default action, and the launcher reports it as a failure. A
+    second signal here kills the workers at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for p in procs:
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGKILL if len(received) > 1 else signum)
+                except ProcessLookupError:
+                    pass
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, forward)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _collect(procs, conns, role: str, timeout_s: float) -> list:

@@ -56,7 +56,13 @@ from ..train.trainer import (
     Trainer,
     register_strategy,
 )
-from .launch import device_kind, launch, warn_if_oversubscribed, worker_device
+from .launch import (
+    device_kind,
+    launch,
+    log_like_parent,
+    warn_if_oversubscribed,
+    worker_device,
+)
 from .messages import broadcast, gather, pack, unpack
 from .stages import (
     BALANCES,
@@ -362,6 +368,8 @@ class PipelineStrategy(Strategy):
 
     steps_whole_rule = False
     balance = "params"
+    #: not yet: a signal stops the stages as its default action does (the last epoch's checkpoint stays)
+    preemptible = False
 
     @classmethod
     def run(cls, cfg, *, resume=False, progress=True, callbacks=(), timeout_s: float = 60.0):
@@ -373,7 +381,8 @@ class PipelineStrategy(Strategy):
                              f"{', '.join(pipelinable_rules())}")
         device = device_kind(cfg.device)
         warn_if_oversubscribed(cfg.stages, "--stages", device)
-        args = (cfg.model_dump(mode="json"), resume, progress, list(callbacks))
+        level = logging.getLogger().getEffectiveLevel()
+        args = (cfg.model_dump(mode="json"), resume, progress, list(callbacks), level)
         return launch(_stage_main, cfg.stages, args, backend=cfg.backend, device=device, timeout_s=timeout_s,
                       role="stage", unwrap=EXPECTED_ERRORS)[0]
 
@@ -412,7 +421,7 @@ class PipelineStrategy(Strategy):
     def needs_batches(self):
         return self.is_main
 
-    def run_epoch(self, trainer, batches, steps, epoch):
+    def run_epoch(self, trainer, batches, steps, epoch, start=None):
         # divergence is seen per stage (its part of the loss): a stage checks its own every
         # DIVERGENCE_CHECK_EVERY steps and raises, which stops every stage (the launcher); the rest of
         # the epoch is gathered and checked at its end, with the first bad step over all stages
@@ -462,7 +471,8 @@ class PipelineStrategy(Strategy):
                 "plan": [[r.start, r.stop] for r in self.plan.stages]}
 
 
-def _stage_main(rank, world, cfg_json, resume, progress, callbacks):
+def _stage_main(rank, world, cfg_json, resume, progress, callbacks, level=logging.INFO):
+    log_like_parent(rank, level)  # stage 0 prints the epoch lines, as one process and DDP do
     from ..train.config import RunConfig
 
     cfg = RunConfig.model_validate(cfg_json)

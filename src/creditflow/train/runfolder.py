@@ -66,8 +66,11 @@ def config_diff(saved: dict[str, Any], now: BaseModel, ignore=PLACEMENT_KEYS, ex
 
 @contextlib.contextmanager
 def claim(folder: str | Path, config: BaseModel | None, *, resume: bool = False, overwrite: bool = False,
-          extend: bool = False, ignore=PLACEMENT_KEYS, exclude=frozenset()) -> Iterator[Path]:
+          extend: bool = False, restart: bool = False, ignore=PLACEMENT_KEYS, exclude=frozenset()) -> Iterator[Path]:
     """Hold ``folder`` for one run of ``config`` for the ``with`` block (``None``: only lock it).
+
+    ``restart``: the folder's run of this same config starts over (its run files go); ``overwrite``:
+    any run's files go, whatever its config.
 
     ``ignore``: keys that may differ from the folder's saved config (where the work runs, not what it
     computes); ``exclude``: fields of ``config`` that its saved form leaves out.
@@ -85,6 +88,9 @@ def claim(folder: str | Path, config: BaseModel | None, *, resume: bool = False,
         else:
             if config is not None:
                 _check_config(folder, config, resume, extend, ignore, exclude)
+            if restart:
+                for name in RUN_FILES:
+                    (folder / name).unlink(missing_ok=True)
         yield folder
     except BaseException:
         if created and {p.name for p in folder.iterdir()} <= NOTHING_OF_VALUE:

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import os
-import time
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -32,8 +32,10 @@ from ..mechanisms.modes import eval_mode
 from ..report import plot_curves
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
 from .config import PLACEMENT_KEYS, RunConfig, dump_yaml
+from .loop import EpochLoop, EpochProgress
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
 from .precision import Precision
+from .preemption import Preempted, StopRequest, stop_signals
 from .runfolder import claim, config_diff, finished_summary
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class NonFiniteLoss(Diverged):
 
 
 #: failures a worker re-raises as themselves (what one process would have raised), reported in one line
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, Diverged)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, Diverged, Preempted)
 
 
 def use_deterministic_algorithms() -> None:
@@ -193,6 +195,10 @@ class Callback:
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
 
+    def on_checkpoint(self, trainer: Trainer) -> None:
+        """Before a checkpoint inside an epoch (a signal stopped the run) is written: save what must
+        resume with it (the main process)."""
+
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any] | None) -> None: ...
 
 
@@ -260,43 +266,25 @@ class Strategy:
 
     def before_epoch(self, epoch: int) -> None: ...
 
-    def run_epoch(self, trainer: Trainer, batches: Iterator | None, steps: int, epoch: int) -> EpochTotals | None:
-        """Train one epoch; the totals over every process on the main one (None elsewhere)."""
-        rule, opt, device = trainer.rule, trainer.optimizer, trainer.device
-        rule.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = n = 0
-        extra: dict[str, torch.Tensor] = {}  # rule.step_metrics(), summed on device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        for x, y in batches:
-            if n == steps:
-                break
-            if (part := self.shard(x, y)) is None:
-                continue  # a last batch smaller than the number of ranks: skipped on every rank
-            x, y = part
-            out = trainer.step(n, x, y)
-            trainer.observe_loss(out.loss)
-            self.after_step()
-            trainer.precision.step(opt)
-            opt.zero_grad(set_to_none=True)
-            loss_sum += out.loss * len(y)  # kept on device: no sync in the hot loop
-            correct += (out.logits.argmax(-1) == y).sum()
-            for name, value in rule.step_metrics().items():
-                extra[name] = extra.get(name, 0) + value.detach().float()
-            seen += len(y)
-            n += 1
-            trainer.advance()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        loss, hits, seen, extra = self.totals(loss_sum, correct, seen, extra)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return EpochTotals(loss.item(), int(hits.item()), seen, n, seconds,
-                           {k: v.item() / max(n, 1) for k, v in extra.items()},
-                           trainer.saved_bytes(), peak)
+    def run_epoch(self, trainer: Trainer, batches: Iterator | None, steps: int, epoch: int,
+                  start: EpochProgress | None = None) -> EpochTotals | None:
+        """Train one epoch (``start``: the part a cut epoch had done); the totals over every process on
+        the main one (None elsewhere, or when a stop was requested: ``trainer.cut`` holds the progress)."""
+        loop = EpochLoop(self, trainer)
+        totals = loop.run(batches, steps, start)
+        trainer.cut = loop.progress
+        return totals
+
+    #: SIGTERM/SIGINT stop this strategy's runs at a step boundary with a checkpoint (train/preemption.py)
+    preemptible = True
+
+    def stop_agreed(self, requested: bool, step: int) -> bool:
+        """Whether every process stops after ``step`` (steps done this epoch); one process: when asked."""
+        return requested
+
+    def gather_all(self, obj: Any) -> list[Any] | None:
+        """Every process's ``obj`` on the main one, in rank order (a cut's random streams and sums)."""
+        return [obj]
 
     def shard(self, x, y):
         return x, y
@@ -349,28 +337,36 @@ def register_strategy(name: str):
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, callbacks: Sequence[Callback] = (),
-          overwrite: bool = False, extend: bool = False) -> dict[str, Any] | None:
-    """Train ``cfg`` to the end (or continue it with ``resume``) and return the summary.
+          overwrite: bool = False, extend: bool = False, restart: bool = False) -> dict[str, Any] | None:
+    """Train ``cfg`` to the end and return the summary.
 
     The run folder is claimed first (:func:`~creditflow.train.runfolder.claim`): locked for this
-    process, refused if it holds another run (unless ``overwrite``). ``extend``: continue a run
-    with more ``epochs``, the rest of its config unchanged.
+    process, refused if it holds another run (unless ``overwrite``). A folder holding this run
+    already continues it, as a requeued job expects: a finished run is read back, an unfinished one
+    resumes from its checkpoint (``resume`` asks for that explicitly; ``restart`` starts it over,
+    replacing its files). ``extend``: continue a run with more ``epochs``, the rest of its config
+    unchanged.
     """
     cfg = cfg.model_copy(update={"out": str(cfg.out_dir())})  # config.yaml records where the run is
     if extend:
         if cfg.schedule == "cosine":  # its period is the epoch count: a longer run is another schedule
             raise ValueError("--extend cannot lengthen a cosine schedule (its period is --epochs); start a new run")
-        resume = True
     if cfg.parallel not in STRATEGIES:  # importing creditflow registers ddp and pipeline (creditflow.parallel)
         raise ValueError(f"no strategy {cfg.parallel!r} registered; available: {', '.join(sorted(STRATEGIES))}")
     # one process claims the folder: this one, or rank 0 of a torchrun launch (every rank runs train())
     owner = int(os.environ.get("RANK", "0")) == 0
-    with (claim(cfg.out_dir(), cfg, resume=resume, overwrite=overwrite, extend=extend)
+    out = cfg.out_dir()
+    with (claim(out, cfg, resume=resume or extend, overwrite=overwrite, extend=extend, restart=restart)
           if owner else contextlib.nullcontext()):
-        if resume and not extend and (done := finished_summary(cfg.out_dir(), cfg.epochs)) is not None:
-            if owner:
-                log.info("%s holds a finished run (%d epochs): read back, nothing to train", cfg.out_dir(), cfg.epochs)
-            return done
+        if not (overwrite or restart):
+            if not extend and (done := finished_summary(out, cfg.epochs)) is not None:
+                if owner:
+                    log.info("%s holds a finished run (%d epochs): read back, nothing to train (--restart trains "
+                             "it again)", out, cfg.epochs)
+                return done
+            if not resume and (out / "checkpoint.pt").is_file() and owner:
+                log.info("%s holds an unfinished run of this config: resuming it (--restart starts it over)", out)
+            resume = True  # where there is no checkpoint, the run starts fresh
         return STRATEGIES[cfg.parallel].run(cfg, resume=resume, progress=progress, callbacks=callbacks)
 
 
@@ -442,6 +438,18 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> dict[str, Any] | None:
+        """Train to ``cfg.epochs`` (``resume``: from the folder's checkpoint, mid-epoch too).
+
+        On SIGTERM/SIGINT (preemptible strategies) the run stops after the step in progress, writes
+        a checkpoint of that point and raises :class:`~creditflow.train.preemption.Preempted`.
+        """
+        if not self.strategy.preemptible:
+            self.stop = StopRequest()  # never requested: the signal's default action ends the run
+            return self._fit(resume)
+        with stop_signals() as self.stop:
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, Any] | None:
         cfg, strategy = self.cfg, self.strategy
         main = strategy.is_main
         out = cfg.out_dir()
@@ -468,22 +476,24 @@ class Trainer:
         self.scheduler = make_scheduler(cfg, self.optimizer) if self.optimizer is not None else None
         self.precision = Precision(cfg.precision, self.device)
         gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation, saved in checkpoints
-        start, rows = 0, []
+        start, rows, within = 0, [], None
         if ckpt is not None:
             self._load_process_state(ckpt, strategy.rank)
             gen.set_state(ckpt["generator"])
             start = ckpt["epoch"]
+            within = ckpt.get("within")  # a checkpoint written at a signal, inside epoch start + 1
             # a kill between the metrics and the checkpoint leaves a row the checkpoint never saw
             rows = read_jsonl(out / "metrics.jsonl")[:start] if main else []
             if main:
-                log.info("resuming %s at epoch %d", out, start + 1)
+                at = f" step {within['ranks'][0]['progress']['steps'] + 1}" if within else ""
+                log.info("resuming %s at epoch %d%s", out, start + 1, at)
         if main:
             out.mkdir(parents=True, exist_ok=True)
             write_text(out / "config.yaml", dump_yaml(cfg) + data_comment(splits))
         steps = math.ceil(info.train_size / cfg.batch_size)
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
-        self.global_step = start * steps
+        self.global_step = start * steps + (within["ranks"][0]["progress"]["steps"] if within else 0)
         self.steps_per_epoch, self.epochs_done = steps, start
         self.watch = DivergenceWatch(cfg.divergence_factor, self.device, (ckpt or {}).get("initial_loss"))
         augment = data.augment.build(cfg.augment)
@@ -494,8 +504,13 @@ class Trainer:
         # index into it, not a pageable host-to-device copy per step.
         train_set = None if splits is None else splits.train.to(self.device) if self.device.type == "cuda" else splits.train
 
-        def epoch_batches():
-            for xb, yb in data.batches(train_set, cfg.batch_size, shuffle=True, generator=gen):
+        def epoch_batches(skip: int = 0, resumed_state=None):
+            # skip: batches a cut epoch had done; its permutation is drawn again from the epoch's first
+            # generator state, and then the generator goes on from where the cut left it
+            for i, (xb, yb) in enumerate(data.batches(train_set, cfg.batch_size, shuffle=True, generator=gen,
+                                                      skip=skip)):
+                if i == 0 and resumed_state is not None:
+                    gen.set_state(resumed_state)
                 x, y = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
                 x = augment(x, generator=gen)  # the whole batch: every rank draws the same augmentation
                 yield splits.normalize(x), y
@@ -504,9 +519,27 @@ class Trainer:
             strategy.before_epoch(epoch)
             for cb in self.callbacks:
                 cb.on_epoch_start(self, epoch)
-            self._bar = tqdm(total=steps, desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                             disable=not self.progress)
-            totals = strategy.run_epoch(self, epoch_batches() if strategy.needs_batches() else None, steps, epoch)
+            progress = None
+            if within is not None and epoch == start:
+                mine = within["ranks"][strategy.rank]
+                progress = EpochProgress(**mine["progress"])
+                torch.set_rng_state(mine["torch_rng"])  # after before_epoch, which may reseed a rank
+                if mine["cuda_rng"] is not None and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+                epoch_start, resumed_state = within["epoch_generator"], gen.get_state()
+                gen.set_state(epoch_start)
+            else:
+                epoch_start, resumed_state = gen.get_state(), None
+            self._bar = tqdm(total=steps, initial=progress.steps if progress else 0,
+                             desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not self.progress)
+            batches = (epoch_batches(progress.steps if progress else 0, resumed_state)
+                       if strategy.needs_batches() else None)
+            self.cut = None
+            totals = strategy.run_epoch(self, batches, steps, epoch, progress)
+            if self.cut is not None:  # a signal: a checkpoint of this step, then out
+                self._bar.close()
+                self._bar = None
+                self._write_cut(ckpt_path, epoch, steps, gen, epoch_start)
             if main:  # the rest of the epoch since the last check (the pipeline's every stage, gathered)
                 self.check_divergence()
             self._bar.close()
@@ -520,6 +553,7 @@ class Trainer:
             if not main:
                 strategy.release()
                 self.epochs_done = epoch + 1  # rank 0 has written its checkpoint
+                self._stop_after_epoch(epoch, steps)
                 continue
             row = self._row(epoch, totals, rows)
             rows.append(row)
@@ -539,6 +573,7 @@ class Trainer:
             log.info("%s seed %d epoch %d/%d: loss %.4f, accuracy train %s val %s test %s", cfg.rule, cfg.seed,
                      row["epoch"], cfg.epochs, row["train_loss"], _fmt(row["train_acc"]), _fmt(row["val_acc"]),
                      _fmt(row["test_acc"]))
+            self._stop_after_epoch(epoch, steps)
         summary = None
         if main:
             summary = summarize(rows, cfg.model_dump(mode="json"))
@@ -550,6 +585,33 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
         return strategy.share(summary)  # every process returns it (torchrun: each is a CLI that reports)
+
+    def _stop_after_epoch(self, epoch: int, steps: int) -> None:
+        """A signal on an epoch's last steps: its checkpoint is written; stop there (not after the last)."""
+        if epoch + 1 < self.cfg.epochs and self.strategy.stop_agreed(self.stop.requested, 0):
+            raise Preempted(self.stop.signum or signal.SIGTERM, self.cfg.out_dir(), epoch + 1, self.steps_per_epoch,
+                            self.steps_per_epoch)
+
+    def _write_cut(self, ckpt_path, epoch: int, steps: int, gen: torch.Generator, epoch_start: torch.Tensor):
+        """The checkpoint of a run stopped by a signal inside ``epoch``, then :class:`Preempted`."""
+        strategy, cut = self.strategy, self.cut
+        self.check_divergence()  # a diverged state is not worth resuming: Diverged names the kept epoch
+        states = strategy.gather(self._process_state())
+        ranks = strategy.gather_all({  # each process's own place in the epoch and random stream
+            "progress": cut._asdict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None})
+        rule_state = strategy.rule_state(self.rule)
+        if strategy.is_main:
+            for cb in self.callbacks:
+                cb.on_checkpoint(self)
+            save_checkpoint(ckpt_path, {
+                "epoch": epoch, "config": self.cfg.model_dump(mode="json"), "rule": rule_state,
+                "generator": gen.get_state(), "processes": states, "strategy": strategy.describe(),
+                "initial_loss": self.watch.initial_loss(),
+                "within": {"epoch_generator": epoch_start, "ranks": ranks},
+            })
+        strategy.release()
+        raise Preempted(self.stop.signum or signal.SIGTERM, ckpt_path.parent, epoch + 1, cut.steps, steps)
 
     def _row(self, epoch: int, t: EpochTotals, earlier: list[dict[str, Any]]) -> dict[str, Any]:
         train_loss = t.loss_sum / max(t.seen, 1)
