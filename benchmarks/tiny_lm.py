@@ -10,9 +10,9 @@ import argparse
 import math
 
 import torch
+from tests.rules.test_any_output import lm_loss, text_batches, tiny_lm
 
 import creditflow as cf
-from tests.rules.test_any_output import lm_loss, text_batches, tiny_lm
 
 
 def main() -> None:

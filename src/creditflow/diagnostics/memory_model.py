@@ -10,7 +10,8 @@ external memory:
 backward, which is where rules differ: BP keeps every weight layer's input, activation sharing
 keeps only the shared ones. ``Act`` is read off the model, not assumed: a forward pass records,
 for every Linear/Conv2d (plain or feedback layer), the tensor that will feed its weight gradient
-(the layer input, or the layer's ``activation_override``), and distinct storages are summed.
+(its input, or the activation the rule's feedback policy hands it: mechanisms/feedback.py,
+``observe_weight_inputs``), and distinct storages are summed.
 """
 
 from __future__ import annotations

@@ -20,29 +20,13 @@ activation before the addition as well and uses a 1x1 conv without BN; we keep H
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..registry import register_model
 from .associated import AssociatedNet, fold, unfold
 from .blocks import BlockNet
 from .blocks import activation as make_activation
-
-
-class BasicBlock(nn.Module):
-    """He et al.'s basic block with a chosen activation (ELU in AL's encoders, ReLU in BP)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, activation: str):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.act = make_activation(activation)
-        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, h: Tensor) -> Tensor:  # (N, c_in, H, W) -> (N, c_out, H/stride, W/stride)
-        return self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(h))))) + self.shortcut(h))
+from .resnet import BasicBlock
 
 
 def resnet_units(n: int, input_shape, activation: str, base: int = 16) -> list[nn.Module]:
@@ -54,7 +38,7 @@ def resnet_units(n: int, input_shape, activation: str, base: int = 16) -> list[n
     c = base
     for stage in range(3):
         for i in range(n):
-            units.append(BasicBlock(c, base * 2 ** stage, 2 if stage and i == 0 else 1, activation))
+            units.append(BasicBlock(c, base * 2 ** stage, 2 if stage and i == 0 else 1, activation=activation))
             c = base * 2 ** stage
     return units
 

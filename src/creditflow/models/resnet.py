@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..registry import register_model
 from .blocks import BlockNet, classifier
+from .blocks import activation as make_activation
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -41,33 +42,34 @@ def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(h))))) + shortcut(h))``; without shortcut, no ``+ shortcut(h)``.
+    """``act(bn2(conv2(act(bn1(conv1(h))))) + shortcut(h))``; without shortcut, no ``+ shortcut(h)``.
 
     ``shortcut`` is a 1x1 conv + BN when the block changes width or size, ``nn.Identity``
-    otherwise, and absent (``None``) in the no-skip-connection variant.
+    otherwise, and absent (``None``) in the no-skip-connection variant. ``activation``: ReLU here
+    and in BP's CIFAR ResNets, ELU in Associated Learning's encoders (models/cifar_resnet.py).
     """
 
     #: for activation sharing: conv1 and the shortcut conv read the block's input (one slot), conv2 the
     #: block's middle activation (rules/activation_sharing.py; ASAP thesis eqs. 5.1-5.3)
     sharing_slots = (("conv1", "shortcut.0"), ("conv2",))
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1, shortcut: bool = True):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, shortcut: bool = True, activation: str = "relu"):
         super().__init__()
         self.conv1 = conv3x3(c_in, c_out, stride)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = conv3x3(c_out, c_out)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU()
+        self.act = make_activation(activation)
         self.shortcut: nn.Module | None = None
         if shortcut:
             self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
                 nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
 
     def forward(self, h: Tensor) -> Tensor:  # h: (N, c_in, H, W) -> (N, c_out, H/stride, W/stride)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(h)))))
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(h)))))
         if self.shortcut is not None:
             out = out + self.shortcut(h)
-        return self.relu(out)
+        return self.act(out)
 
 
 def _positive_int(value, what: str) -> int:

@@ -1,8 +1,13 @@
 """Activation sharing (Woo 2023, ch. 4): the weight gradient of a layer reads a *shared* activation.
 
-Key: layers are grouped ``k`` at a time (the thesis's block size, the sharing period); ``h~_m`` is the
-input of group ``m``'s first layer (the previous group's output); ``delta`` is the error at a layer's
-output; ``B`` has the shape of ``W`` (``B = W`` is BP, see mechanisms/feedback.py).
+Key: the layers that learn (all but the frozen first, Sec. 5.1.1) form a chain of *slots* (layers
+reading the same input), grouped ``k`` at a time (the thesis's block size K); every layer of group
+``m+1`` computes its weight gradient from ``h~_{m+1} = h_{m,K-1}``, the input of the previous group's
+last slot (Algorithm 1 line 8; the default ``reading="thesis"``), and group 1 from the input of its
+own first slot (the frozen layer's output). ``reading="group-input"`` is this library's earlier
+reading (each group reads its own first slot's input). ``delta`` is the error at a layer's output;
+``B`` has the shape of ``W`` (``B = W`` is BP, see mechanisms/feedback.py). docs/rules.md has the
+plan per model and the measured effect of the reading.
 
 References: Woo 2023, "Biologically Plausible Learning Algorithm without Weight Transport and
 Bidirectional Connection" (M.Eng. thesis, SNU), ch. 4, Sec. 5.1.1, 5.2.1, 5.2.4 and Algorithm 1.
@@ -368,7 +373,7 @@ class AS(SharedActivations, FA):
     """Activation Sharing with symmetric paths (Sec. 4.1, eqs. 4.1-4.4; Fig. 4.2).
 
     1. ``B <- W`` before every step (a copy: this rule *does* transport weights, as the thesis says).
-    2. Forward; the input of each group's first layer is the shared activation ``h~_m``.
+    2. Forward; every layer of group ``m`` keeps only the shared ``h~_m`` (module docstring).
     3. Backward as BP: ``delta_{m,k-1} = phi' B_{m,k}^T delta_{m,k}``.
     4. ``grad W_{m,k} = delta_{m,k} h~_m^T`` (gradient descent on the loss; the optimizer subtracts).
     """
@@ -387,14 +392,13 @@ class ASAP(SharedActivations, KolenPollack):
     """Activation Sharing with Asymmetric Paths (Sec. 4.2.1, eqs. 4.5-4.6; Algorithm 1).
 
     1. Every Linear/Conv2d gets a random trainable ``B`` (never aliasing ``W``: its own Parameter).
-    2. Forward; ``h~_m`` is the input of group ``m``'s first layer (Alg. 1 lines 2-9).
+    2. Forward; every layer of group ``m+1`` keeps ``h~_{m+1} = h_{m,K-1}`` (Alg. 1 line 8, lines 2-9).
     3. Backward through ``B``: ``delta_{m,k-1} = phi' B_{m,k}^T delta_{m,k}`` (line 17).
     4. ``grad W_{m,k} = grad B_{m,k} = delta_{m,k} h~_m^T + lambda (W or B)`` (lines 25-26, as KP).
 
-    Choices where the thesis is loose: Alg. 1 line 8 reads ``h~_{m+1} = h_{m,K-1}``; we take
-    ``h_{m,K}`` (the text: "output activation of previous block"), so ``k = 1`` is FA/KP exactly.
     Lines 25-26 add ``delta h~^T`` (with ``delta = y - y*``, line 14), which ascends the loss; we
-    descend: the rule fills ``.grad`` and the optimizer subtracts.
+    descend: the rule fills ``.grad`` and the optimizer subtracts. The authors' code (a held-out port)
+    gives the same conv gradients bit for bit at k = 2 and 4 (docs/rules.md).
     The activation is shared only for ``grad_weight``: only ``h~_m`` is saved for backward, and
     its shape is matched to each layer (``match``) inside the backward.
     """
@@ -406,7 +410,7 @@ class ASFP(SharedActivations, KolenPollack):
     """Activation Sharing in the Feedback Path (Sec. 4.3, eqs. 4.7-4.10; Fig. 4.6).
 
     1. Every Linear/Conv2d gets a random trainable ``B`` (its own Parameter, never ``W``).
-    2. Forward; ``h~_m`` is the input of group ``m``'s first layer, as ASAP.
+    2. Forward; every layer of group ``m`` keeps the shared ``h~_m``, as ASAP.
     3. Backward through ``B``: ``delta_{m,k-1} = phi' B_{m,k}^T delta_{m,k}``.
     4. ``grad W_{m,k} = delta_{m,k} h_{m,k-1}^T + lambda W`` (its own input, eqs. 4.7-4.8);
        ``grad B_{m,k} = delta_{m,k} h~_m^T + lambda B`` (the shared activation, eqs. 4.9-4.10).

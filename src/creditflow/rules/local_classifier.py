@@ -36,8 +36,9 @@ class LocalClassifier(DirectRule):
         local_loss: loss of the classifiers (``"cross-entropy"`` or ``"mse"`` on one-hot targets).
 
     Differences from the paper: classifier weights are uniform in ``±1/sqrt(n_i)`` (PyTorch's
-    Linear init range), no bias; losses are means over the batch. The thesis's ASFP+LC trains its
-    FC classifier with feedback alignment (not implemented here).
+    Linear init range), no bias; losses are means over the batch. The thesis's ASFP+LC, whose
+    classifier error reaches its block through a fixed random ``B`` (FA), is the ``asfp-lc`` rule
+    (rules/activation_sharing.py), built on this one.
 
     References: Mostafa, Ramesh & Cauwenberghs 2018, "Deep supervised learning using local
     errors", Front. Neurosci. 12; Woo 2023 (ASAP thesis), Table 5.3 and Sec. 5.2.4.

@@ -27,26 +27,25 @@ from tqdm.auto import tqdm
 
 from .. import data, models, rules
 from ..devices import resolve_device
-from ..diagnostics import saved_tensor_bytes
 from ..mechanisms.modes import eval_mode
 from ..report import plot_curves
+from .callbacks import Callback, SavedActivations
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
 from .config import PLACEMENT_KEYS, RunConfig, dump_yaml
+from .divergence import DIVERGENCE_CHECK_EVERY, Diverged, DivergenceWatch, NonFiniteLoss
 from .loop import EpochLoop, EpochProgress
 from .metrics import read_jsonl, summarize, write_jsonl, write_summary
+from .optim_state import (
+    load_named_optimizer_state,
+    make_optimizer,
+    make_scheduler,
+    named_optimizer_state,
+)
 from .precision import Precision
 from .preemption import Preempted, StopRequest, stop_signals
 from .runfolder import claim, config_diff, finished_summary
 
 log = logging.getLogger(__name__)
-
-
-class Diverged(RuntimeError):
-    """Training stopped because the loss diverged; the message says whether a checkpoint is kept."""
-
-
-class NonFiniteLoss(Diverged):
-    """Training produced a NaN/Inf loss."""
 
 
 #: failures a worker re-raises as themselves (what one process would have raised), reported in one line
@@ -60,27 +59,6 @@ def use_deterministic_algorithms() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-
-
-def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
-    """``params``: tensors or param groups (``rule.param_groups``)."""
-    params = list(params)
-    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
-    # The fused kernels do the same update in one pass; on CPU PyTorch's default is a per-tensor
-    # loop that costs as much as DFA's whole backward on an MLP (docs/benchmarks.md).
-    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in tensors)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=fused)
-
-
-def make_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer):
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    return None
 
 
 class DataInfo(NamedTuple):
@@ -120,50 +98,6 @@ def evaluate(model: torch.nn.Module, imageset, splits, device, batch_size: int) 
     return correct.item() / len(imageset)
 
 
-#: steps between host syncs that look at the divergence flags (the step itself is recorded on the device)
-DIVERGENCE_CHECK_EVERY = 50
-
-
-class DivergenceWatch:
-    """The first step whose loss is NaN/Inf or over ``factor`` x the first step's, kept on the device.
-
-    ``observe`` is a few scalar kernels and no host sync, so the hot loop stays asynchronous;
-    ``check`` syncs once (every :data:`DIVERGENCE_CHECK_EVERY` steps and at epoch end) and reports
-    the exact step. Tensors only: it travels in a pipeline stage's statistics as plain numbers.
-    """
-
-    def __init__(self, factor: float, device: torch.device, initial: float | None = None):
-        self.factor = factor
-        self.initial = self.limit = None
-        if initial is not None:
-            self._start(torch.tensor(initial, device=device))
-        self.step = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
-        self.loss = torch.zeros((), device=device)
-
-    def _start(self, first: torch.Tensor) -> None:
-        self.initial = first.abs()
-        # beyond the limit, or NaN (every comparison with NaN is False); float max, not inf, so that an Inf
-        # loss is over it too. A first loss of 0 (a pipeline stage without one) has nothing to grow from.
-        big = torch.tensor(torch.finfo(first.dtype).max, device=first.device)
-        self.limit = torch.where(self.initial > 0, self.factor * self.initial, big) if self.factor else big
-
-    def observe(self, step: int, loss: torch.Tensor) -> None:
-        loss = loss.detach().float()
-        if self.initial is None:
-            self._start(loss)
-        new = ~(loss.abs() <= self.limit) & (self.step < 0)  # 7 scalar kernels, no sync
-        self.step = torch.where(new, step, self.step)
-        self.loss = torch.where(new, loss, self.loss)
-
-    def check(self) -> tuple[int, float, float] | None:
-        """``(global step, its loss, the first step's loss)`` of the first bad step, or None (one host sync)."""
-        step = int(self.step)
-        return None if step < 0 else (step, float(self.loss), self.initial_loss())
-
-    def initial_loss(self) -> float | None:
-        return None if self.initial is None else float(self.initial)
-
-
 class EpochTotals(NamedTuple):
     """One epoch over every process (what the main process writes into the metrics row)."""
 
@@ -177,46 +111,6 @@ class EpochTotals(NamedTuple):
     peak_memory_bytes: int | None = None
     stage_busy_s: list[float] | None = None  # pipeline: per stage
     stage_wait_s: list[float] | None = None
-
-
-class Callback:
-    """What is measured beside training. Every hook is optional; they run in every process."""
-
-    def on_fit_start(self, trainer: Trainer) -> None: ...
-
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
-
-    def on_step_start(self, trainer: Trainer, step: int) -> None:
-        """Before each step, in every process (``step``: the run's global step; tests kill a process here)."""
-
-    def around_step(self, trainer: Trainer, step: int, x, y, run: Callable[[], Any]) -> Any:
-        """Wrap one ``rule.step`` (one-process strategies): measure around it, return ``run()``."""
-        return run()
-
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
-
-    def on_checkpoint(self, trainer: Trainer) -> None:
-        """Before a checkpoint inside an epoch (a signal stopped the run) is written: save what must
-        resume with it (the main process)."""
-
-    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any] | None) -> None: ...
-
-
-class SavedActivations(Callback):
-    """Bytes the step saves for backward, measured on the first step of each epoch (the hooks cost time)."""
-
-    def __init__(self):
-        self.value: int | None = None
-
-    def on_epoch_start(self, trainer, epoch):
-        self.value = None
-
-    def around_step(self, trainer, step, x, y, run):
-        if self.value is not None:
-            return run()
-        held = {}
-        self.value = saved_tensor_bytes(lambda: held.setdefault("out", run()), exclude=trainer.rule)
-        return held["out"]
 
 
 class Strategy:
@@ -683,32 +577,6 @@ def check_resumable(saved: dict[str, Any], cfg: RunConfig, out) -> None:
     if diff:
         raise ValueError(f"cannot resume {out}: its checkpoint's config differs in {', '.join(diff)}; use the "
                          "saved config.yaml or another --out")
-
-
-def named_optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
-    """``opt.state_dict()`` keyed by parameter name: ``{"state": {name: ...}, "groups": [hyperparameters]}``."""
-    sd = opt.state_dict()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = {names[id(params[i])]: v for i, v in sd["state"].items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "names": [names[id(params[i])] for i in g["params"]]}
-              for g in sd["param_groups"]]
-    return {"state": state, "groups": groups}
-
-
-def load_named_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any], saved: dict[str, Any] | None,
-                               names: dict[int, str]) -> None:
-    """Load per-parameter state by name into ``opt`` (whose groups may hold other parameters than
-    the saved ones); each group takes the hyperparameters of the saved group holding its first tensor."""
-    sd = opt.state_dict()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    sd["state"] = {i: state[names[id(p)]] for i, p in enumerate(params) if names[id(p)] in state}
-    if saved is not None:
-        for g in sd["param_groups"]:
-            first = names[id(params[g["params"][0]])]
-            source = next((s for s in saved["groups"] if first in s["names"]), None)
-            if source is not None:
-                g.update({k: v for k, v in source.items() if k != "names"})
-    opt.load_state_dict(sd)
 
 
 def data_comment(splits) -> str:
