@@ -6,7 +6,7 @@ paper's number, the difference in points, and the command that made it. Numbers 
 typed: run this after committing a report and paste its output (or ``--write`` it in place
 between the README's ``<!-- table -->`` markers).
 
-    python scripts/reproduction_table.py [--folders cpu,cpu-long,cpu-he] [--write]
+    python scripts/reproduction_table.py [--folders cpu,cpu-long,cpu-he,cpu-100,cpu-head,cpu-w32,cpu-seeds] [--write]
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ def rows(suffixes: list[str]) -> list[str]:
         preset = load_preset(results["preset"])
         columns = sorted({c for e in results["cells"].values() for c in e.get("summaries", {})},
                          key=preset.rules.index)
-        only = f" --columns {','.join(columns)}" if folder.name.endswith("-he") else ""
+        # re-runs of some columns (-he), or of some columns with more seeds (-seeds), say so in the command
+        only = f" --columns {','.join(columns)}" if folder.name.endswith(("-he", "-seeds")) else ""
+        if folder.name.endswith("-seeds"):
+            seeds = max(len(runs) for e in results["cells"].values() for runs in e.get("summaries", {}).values())
+            only = f" --seeds {seeds}{only}"
         command = f"`creditflow reproduce {preset.name} --budget {results['budget']}{only} --data-dir DIR`"
         for cell in preset.cells:
             entry = results["cells"].get(cell.id, {})
@@ -49,7 +53,7 @@ def rows(suffixes: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folders", default="cpu,cpu-long,cpu-he",
+    parser.add_argument("--folders", default="cpu,cpu-long,cpu-he,cpu-100,cpu-head,cpu-w32,cpu-seeds",
                         help="comma-separated endings of the report folders to list (<preset>-<ending>)")
     parser.add_argument("--write", action="store_true", help="replace the table in docs/reproduction/README.md")
     args = parser.parse_args()

@@ -4,7 +4,8 @@ Flags are generated from the run schema, so a YAML key and a flag are the same t
 (``lr:`` in a file, ``--lr`` on the command line); flags override the file.
 
 One error path: :class:`Main` turns every failure of a command into one line on stderr and a
-non-zero exit (2 for bad input, 1 for the rest); ``--debug`` or ``CREDITFLOW_DEBUG=1`` shows the
+non-zero exit (2 for bad input: a config error or any ValueError, whose message names what is allowed;
+1 for the rest); ``--debug`` or ``CREDITFLOW_DEBUG=1`` shows the
 traceback instead.
 """
 
@@ -198,7 +199,7 @@ class Main(click.Group):
         except Exception as err:  # noqa: BLE001  (the one error path; --debug shows the traceback)
             if debugging(ctx):
                 raise
-            if isinstance(err, ConfigError):
+            if isinstance(err, (ConfigError, ValueError)):  # the input's fault: its message says what is allowed
                 raise OneLineUsageError(one_line(err)) from None
             if isinstance(err, expected_errors()):
                 raise click.ClickException(one_line(err)) from None
@@ -304,10 +305,7 @@ def reproduce(preset, list_presets, quiet, **flags):
         raise click.UsageError("name a PRESET (see --list)")
     opts = resolve(ReproduceOptions, None, flags)
     progress = setup_logging(quiet)
-    try:
-        results = run_reproduce(preset, opts, progress=progress)
-    except ValueError as err:  # the message names what is allowed (presets, budgets, cells, columns)
-        raise click.ClickException(str(err)) from None
+    results = run_reproduce(preset, opts, progress=progress)  # failures: Main's one error path
     click.echo(results["report"])
     click.echo(f"results in {results['out']}/report.md, results.json")
 

@@ -72,7 +72,7 @@ def test_bad_rule_names_and_specs_are_usage_errors(tmp_path):
 def test_bad_rule_options_fail_before_any_training(tmp_path):
     result = CliRunner().invoke(main, ["align", "--rules", "bp,fa:feedback_init=product", "--out", str(tmp_path),
                                        *TINY])
-    assert result.exit_code == 1 and "bad options for rule 'fa'" in result.output
+    assert result.exit_code == 2 and "bad options for rule 'fa'" in result.output
     assert not (tmp_path / "alignment.jsonl").exists()
 
 

@@ -82,7 +82,7 @@ def test_missing_extras_name_them(run_dir, monkeypatch):
 
 def test_unknown_layer_lists_the_layers(run_dir):
     result = analyze(run_dir, "--no-tsne", "--no-plot", "--layers", "block7", *SMALL)
-    assert result.exit_code == 1 and "available: input, block0, block1, head" in result.output
+    assert result.exit_code == 2 and "available: input, block0, block1, head" in result.output
 
 
 def test_not_a_finished_run_is_a_clear_error(run_dir, tmp_path):
@@ -90,22 +90,22 @@ def test_not_a_finished_run_is_a_clear_error(run_dir, tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output
     (tmp_path / "empty").mkdir()
     result = analyze(tmp_path / "empty", *SMALL)
-    assert result.exit_code == 1 and "not a training run: no config.yaml" in result.output
+    assert result.exit_code == 2 and "not a training run: no config.yaml" in result.output
     (tmp_path / "align").mkdir()
     (tmp_path / "align" / "config.yaml").write_text("rules: [bp, dfa]\nevery: 5\n")
     result = analyze(tmp_path / "align", *SMALL)
-    assert result.exit_code == 1 and "not a training run's config" in result.output
+    assert result.exit_code == 2 and "not a training run's config" in result.output
     config = (run_dir / "config.yaml").read_text()
     (run_dir / "config.yaml").write_text(config.replace("lr: 0.0001", "lr: 0.5"))
     result = analyze(run_dir, *SMALL)
-    assert result.exit_code == 1 and "describe different runs" in result.output
+    assert result.exit_code == 2 and "describe different runs" in result.output
     (run_dir / "config.yaml").write_text(config)
     (run_dir / "summary.json").unlink()  # killed before the end
     result = analyze(run_dir, *SMALL)
-    assert result.exit_code == 1 and "is not finished" in result.output and "--resume" in result.output
+    assert result.exit_code == 2 and "is not finished" in result.output and "--resume" in result.output
     (run_dir / "checkpoint.pt").unlink()
     result = analyze(run_dir, *SMALL)
-    assert result.exit_code == 1 and "no checkpoint.pt" in result.output
+    assert result.exit_code == 2 and "no checkpoint.pt" in result.output
     assert CliRunner().invoke(main, ["analyze"]).exit_code == 2  # RUN_DIR is required
 
 

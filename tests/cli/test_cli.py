@@ -75,9 +75,9 @@ def test_compare_never_sets_one_memory_measure_against_the_other():
 
 def test_reproduce_command_rejects_unknown_presets_and_budgets():
     result = CliRunner().invoke(main, ["reproduce", "las-xx", "--quiet"])
-    assert result.exit_code == 1 and "unknown preset 'las-xx'" in result.output
+    assert result.exit_code == 2 and "unknown preset 'las-xx'" in result.output
     result = CliRunner().invoke(main, ["reproduce", "las-fc", "--budget", "huge"])
-    assert result.exit_code == 1 and "no budget 'huge'; its budgets: full, quick, cpu" in result.output
+    assert result.exit_code == 2 and "no budget 'huge'; its budgets: full, quick, cpu" in result.output
     listed = CliRunner().invoke(main, ["reproduce", "--list"])
     assert listed.exit_code == 0 and "| las-fc |" in listed.output and "cpu (3 seeds, ~47 min)" in listed.output
 

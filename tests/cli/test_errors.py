@@ -163,3 +163,36 @@ def test_a_pipeline_stage_stops_the_run_at_its_divergence_check_not_at_epoch_end
     assert isinstance(error, Diverged) and str(error).startswith("epoch 1 step 2: training loss")
     last = [int(p.read_text()) for p in tmp_path.glob("last-step-*")]
     assert len(last) == 2 and max(last) < 2 * DIVERGENCE_CHECK_EVERY  # the next stage may run ahead a little
+
+
+BAD_INPUTS = [  # (arguments, what the one line must say); every one exits 2
+    (["train", "--model", "mlp:100-32-10", *TINY[2:]], "784"),  # does not fit the data
+    (["train", "--rule", "fa", "--rule-option", "no_such=1", *TINY], "no_such"),
+    (["train", "--model", "mlp:784-x-10", *TINY[2:]], "mlp"),
+    (["train", "--rule", "nope", *TINY], "nope"),
+    (["train", "--lr", "-1", *TINY], "lr"),
+    (["compare", "--rules", "bp,nope", *TINY], "nope"),
+    (["reproduce", "las-fc", "--budget", "huge", "--quiet"], "no budget 'huge'"),
+    (["reproduce", "las-xx", "--quiet"], "unknown preset 'las-xx'"),
+]
+
+
+@pytest.mark.parametrize("args,says", BAD_INPUTS, ids=[" ".join(a[:3]) for a, _ in BAD_INPUTS])
+def test_every_bad_input_is_one_line_and_exit_code_2(args, says):
+    assert says in fails_in_one_line(*args, code=2)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine with CUDA runs on it")
+@pytest.mark.parametrize("command", [["train", *TINY[:-3], "--quiet"], ["memory", "--model", "mlp:784-8-10"]])
+def test_cuda_without_cuda_is_one_line_and_exit_code_2(command):
+    assert "cuda" in fails_in_one_line(*command, "--device", "cuda", code=2).lower()
+
+
+def test_a_folder_in_use_is_one_line_and_exit_code_2(tmp_path):
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # as another creditflow process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "is in use by another creditflow run" in fails_in_one_line("train", "--out", str(out), *TINY, code=2)

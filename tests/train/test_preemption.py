@@ -178,3 +178,48 @@ def test_no_worker_outlives_a_launch_stopped_at_any_point_of_its_start(tmp_path,
         time.sleep(0.1)
     assert not alive(seen), f"after SIGTERM at {delay}s: {sorted(alive(seen))} still running"
     assert proc.returncode != 0 and "leaked semaphore" not in err, err
+
+
+REPRODUCE_PRESET = """
+name: tiny-long
+title: "A tiny table, long enough to be preempted"
+paper: "nobody 2024"
+rules: [bp, dfa]
+cells:
+  - {id: mini, dataset: fashion-mnist-mini, model: "mlp:784-32-10", paper: {bp: 0.8, dfa: 0.7}}
+budgets:
+  full: {seeds: 1, epochs: 1}
+  quick: {seeds: 2, epochs: 3, max_steps_per_epoch: 150, batch_size: 16, lr: 0.001, jobs: 2, test_every: best}
+"""
+
+
+def test_reproduce_side_by_side_stops_cleanly_and_the_same_command_finishes_it(tmp_path):
+    """SIGTERM to `reproduce --jobs 2`: each worker cuts its run with a checkpoint, queued runs do not
+    start, the parent exits 143 with one line and no warning, no worker survives; the same command
+    then gives the numbers of an uninterrupted preset."""
+    preset = tmp_path / "tiny-long.yaml"
+    preset.write_text(REPRODUCE_PRESET)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "creditflow.cli", "reproduce", str(preset), "--device", "cpu", "--quiet"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([*cmd, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    seen, deadline = set(), time.time() + 120
+    while not list(out.glob("mini/*/seed*/metrics.jsonl")) and time.time() < deadline:
+        seen |= descendants(proc.pid)
+        time.sleep(0.05)
+    seen |= descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("Error: stopped by SIGTERM") or \
+        err.strip().splitlines()[-1].startswith("stopped by SIGTERM"), err
+    assert "leaked" not in err and "Traceback" not in err, err
+    time.sleep(1)
+    assert not alive(seen - {proc.pid})
+    again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    for rule in ("bp", "dfa"):
+        for seed in (0, 1):
+            assert same_numbers(out / "mini" / rule / f"seed{seed}", tmp_path / "straight" / "mini" / rule / f"seed{seed}")

@@ -13,7 +13,10 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
+from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from ..report import plot_curves
 from ..train.checkpoint import write_json, write_text
 from ..train.config import RunConfig, validate
 from ..train.metrics import read_jsonl
+from ..train.preemption import Preempted, check_not_stopped, forward_signals
 from ..train.trainer import train
 from .preset_report import budget_notes, cell_alignment, to_report
 from .presets import (
@@ -227,6 +231,7 @@ def run_one(cfg: RunConfig, column: str, probe: Probe | None, progress: bool) ->
 
 def _run_item(item: tuple[int, RunConfig, str, Probe | None]) -> tuple[int, dict[str, Any]]:
     index, cfg, column, probe = item
+    check_not_stopped(cfg.out_dir())  # a signal came: the queue's later runs do not start
     return index, run_one(cfg, column, probe, False)
 
 
@@ -244,19 +249,39 @@ def run_all(order: list[tuple[str, str, RunConfig]], jobs: int, progress: bool, 
             yield item, run_one(item[2], item[1], probe, progress)
         return
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(jobs, initializer=_worker_setup, initargs=(os.getpid(), logging.getLogger().getEffectiveLevel()))
+    # a process pool that sees a worker die (BrokenProcessPool) instead of waiting for its task
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_setup,
+                               initargs=(os.getpid(), logging.getLogger().getEffectiveLevel()))
     try:
-        tasks = [(i, cfg, column, probe) for i, (_, column, cfg) in enumerate(order)]
-        for index, summary in pool.imap_unordered(_run_item, tasks):
-            item = order[index]
-            log.info("%s: %s seed %d done, test %.4f", *item[:2], item[2].seed, summary["test_acc"])
-            yield item, summary
+        futures = {pool.submit(_run_item, (i, cfg, column, probe)): i for i, (_, column, cfg) in enumerate(order)}
+        # A signal goes on to the workers: each stops its run with a checkpoint and reports Preempted
+        # (a worker still starting a run dies by it); the queued runs are cancelled, what finished is
+        # kept, then Preempted ends the preset.
+        preempted: BaseException | None = None
+        with forward_signals(lambda: [p.pid for p in multiprocessing.active_children()]):
+            for future in as_completed(futures):
+                try:
+                    index, summary = future.result()
+                except (Preempted, BrokenProcessPool, CancelledError) as err:
+                    if preempted is None:
+                        preempted = err
+                        for queued in futures:
+                            queued.cancel()
+                    continue
+                item = order[index]
+                log.info("%s: %s seed %d done, test %.4f", *item[:2], item[2].seed, summary["test_acc"])
+                yield item, summary
+        if preempted is not None:
+            if not isinstance(preempted, Preempted):  # a worker still starting its run died by the signal
+                preempted = Preempted(signal.SIGTERM, Path(order[0][2].out_dir()).parents[2], 0, 0, 0)
+            pool.shutdown(wait=True, cancel_futures=True)  # the workers are idle now: they exit cleanly
+            raise preempted
     except BaseException:
-        pool.terminate()  # the queued runs never start; a cut run resumes from its checkpoint next time
-        pool.join()
+        for p in multiprocessing.active_children():  # at once: a run in progress keeps its last checkpoint
+            p.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
-    pool.close()
-    pool.join()
+    pool.shutdown(wait=True)
 
 
 def _worker_setup(parent: int, level: int) -> None:
@@ -268,6 +293,12 @@ def _worker_setup(parent: int, level: int) -> None:
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    from ..train.preemption import serve_as_worker
+
+    serve_as_worker()  # a signal stops the run in progress with a checkpoint, and the runs after it
+    from ..parallel.launch import thread_lock_for_tqdm
+
+    thread_lock_for_tqdm()  # no semaphore a killed worker would leave behind
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     def watch_parent():

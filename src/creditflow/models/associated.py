@@ -322,7 +322,8 @@ def flat_input(input_shape, num_classes, spec: str, default_hidden: Sequence[int
     if len(dims) < 3:
         raise ValueError(f"al-mlp needs an input, at least one component width and an output size, got {spec!r}")
     if dims[0] != d_in:
-        raise ValueError(f"al-mlp input size {dims[0]} does not match input shape {tuple(input_shape)}")
+        raise ValueError(f"al-mlp input size {dims[0]} does not match input shape {tuple(input_shape)}: the data "
+                         f"has {d_in} values a sample")
     if num_classes is not None and num_classes != dims[-1]:
         raise ValueError(f"al-mlp output size {dims[-1]} does not match the dataset's {num_classes} classes")
     return tuple(input_shape), dims[1:-1], dims[-1]

@@ -30,7 +30,9 @@ def mlp(spec: str = "784-1024-1024-10", *, activation: str = "relu", batch_norm:
     if num_classes is not None and num_classes != dims[-1]:
         raise ValueError(f"mlp output size {dims[-1]} does not match the dataset's {num_classes} classes")
     if input_shape is not None and math.prod(input_shape) != dims[0]:
-        raise ValueError(f"mlp input size {dims[0]} does not match input shape {tuple(input_shape)}")
+        raise ValueError(f"mlp input size {dims[0]} does not match input shape {tuple(input_shape)}: the data has "
+                         f"{math.prod(input_shape)} values a sample (e.g. mlp:{math.prod(input_shape)}-"
+                         f"{'-'.join(map(str, dims[1:]))})")
     blocks: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-2], dims[1:-1])):
         layers = [nn.Flatten()] if i == 0 else []

@@ -14,7 +14,6 @@ collective on a peer that never comes raises instead of waiting for ever.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import datetime
 import logging
 import multiprocessing as mp
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..devices import resolve_device
+from ..train.preemption import forward_signals
 
 __all__ = ["WorkerFailed", "barrier", "log_like_parent", "quiet_unless_main", "find_free_port", "is_torchrun", "launch", "resolve_backend",
            "device_kind", "warn_if_oversubscribed", "worker_device"]
@@ -157,9 +157,9 @@ def _entry(rank, world_size, port, backend, kind, timeout_s, threads, conn, work
         torch.set_num_threads(threads)
     from ..train import preemption
 
-    preemption.SECOND_SIGNAL_ENDS = False  # the launcher forwards every signal it gets: see _forward_signals
+    preemption.SECOND_SIGNAL_ENDS = False  # the launcher forwards every signal it gets (forward_signals)
     _exit_with_parent()
-    _thread_lock_for_tqdm()
+    thread_lock_for_tqdm()
     try:
         _setup(rank, world_size, backend, kind, timeout_s, rank, port)
         # Plain pickle, not torch's ForkingPickler: that would share tensors through file descriptors
@@ -190,7 +190,7 @@ def _entry(rank, world_size, port, backend, kind, timeout_s, threads, conn, work
     os._exit(0)
 
 
-def _thread_lock_for_tqdm() -> None:
+def thread_lock_for_tqdm() -> None:
     """tqdm's default lock is a multiprocessing semaphore; a worker that fails exits with ``os._exit``,
     which never unlinks it, and the resource tracker then prints a "leaked semaphore" warning on the
     user's terminal. A worker's bars are its own: a thread lock is enough."""
@@ -314,44 +314,13 @@ def _launch(worker, nprocs, args, backend, device, timeout_s, role, threads) -> 
             send.close()  # the child holds the write end: EOF here once it is gone
             procs.append(p)
             conns[recv] = rank
-        with _forward_signals(procs):
+        with forward_signals(lambda: [p.pid for p in procs if p.is_alive()]):
             return _collect(procs, conns, role, timeout_s)
     finally:
         _stop(procs)
         for c in conns:
             c.close()
         del store
-
-
-@contextlib.contextmanager
-def _forward_signals(procs):
-    """While the workers run, SIGTERM and SIGINT to this process go on to every worker: a worker of a
-    preemptible strategy stops at a step boundary with a checkpoint and reports
-    :class:`~creditflow.train.preemption.Preempted`, which ends the launch; a worker that cannot
-    (the pipeline) takes the signal's default action, and the launcher reports it as a failure. A
-    second signal here kills the workers at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        for p in procs:
-            if p.is_alive():
-                try:
-                    os.kill(p.pid, signal.SIGKILL if len(received) > 1 else signum)
-                except ProcessLookupError:
-                    pass
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in previous:
-        signal.signal(s, forward)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _collect(procs, conns, role: str, timeout_s: float) -> list:

@@ -21,7 +21,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -35,7 +35,8 @@ class Preempted(Exception):
     def __init__(self, signum: int, folder, epoch: int, step: int, steps: int):
         self.signum, self.folder, self.epoch, self.step, self.steps = signum, folder, epoch, step, steps
         name = signal.Signals(signum).name
-        where = f"the end of epoch {epoch}" if step == steps else f"epoch {epoch} step {step}/{steps}"
+        where = ("its start" if epoch == 0 else f"the end of epoch {epoch}" if step == steps
+                 else f"epoch {epoch} step {step}/{steps}")
         super().__init__(f"stopped by {name} at {where}; checkpoint in {folder}: run the same command again to "
                          "resume")
 
@@ -58,6 +59,8 @@ class StopRequest:
 STOP = StopRequest()
 #: whether a second signal ends this process at once (False in the launcher's workers, see above)
 SECOND_SIGNAL_ENDS = True
+#: whether a request outlives the run it stopped (:func:`serve_as_worker`: the next run there stops too)
+_KEEP_REQUEST = False
 _installed = threading.local()  # set while a stop_signals block holds the handlers (main thread only)
 
 
@@ -88,8 +91,56 @@ def stop_signals() -> Iterator[StopRequest]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        STOP.signum = None
+        if not _KEEP_REQUEST:
+            STOP.signum = None
         _installed.on = False
 
 
-__all__ = ["Preempted", "STOP", "STOP_SIGNALS", "StopRequest", "stop_signals"]
+def serve_as_worker() -> None:
+    """For a worker process that runs one run after another for a parent that forwards signals
+    (``reproduce --jobs``): a repeated signal does not end it (Ctrl-C comes from the terminal and from
+    the parent), and a request outlives the run it stopped, so the worker's next run stops at its
+    start (:func:`check_not_stopped`). Outside a run the signal's default action ends the worker."""
+    global SECOND_SIGNAL_ENDS, _KEEP_REQUEST
+    SECOND_SIGNAL_ENDS, _KEEP_REQUEST = False, True
+
+
+def check_not_stopped(folder) -> None:
+    """:class:`Preempted` (the run at ``folder`` never started) if a stop was requested already."""
+    if STOP.requested:
+        raise Preempted(STOP.signum, folder, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def forward_signals(workers: Callable[[], Iterable[int]]) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT to this process go on to every pid ``workers()`` names.
+
+    For a parent whose children train (the launcher's ranks and stages, ``reproduce --jobs``): a
+    child of a preemptible strategy stops at a step boundary with a checkpoint and reports
+    :class:`Preempted`, which ends the parent's wait; a child that cannot takes the signal's default
+    action. A second signal here kills the children at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for pid in workers():
+            try:
+                os.kill(pid, signal.SIGKILL if len(received) > 1 else signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, forward)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+__all__ = ["Preempted", "check_not_stopped", "forward_signals", "serve_as_worker", "STOP", "STOP_SIGNALS", "StopRequest", "stop_signals"]

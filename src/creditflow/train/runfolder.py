@@ -112,10 +112,10 @@ def finished_summary(folder: str | Path, epochs: int) -> dict[str, Any] | None:
         return None
     try:
         summary = json.loads(path.read_text())
-        rows = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return None
-    return summary if summary.get("epochs") == epochs and rows >= epochs else None
+    return summary if summary.get("epochs") == epochs and len(rows) >= epochs else None
 
 
 def _make(folder: Path) -> None:

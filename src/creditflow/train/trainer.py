@@ -258,9 +258,10 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, callba
                     log.info("%s holds a finished run (%d epochs): read back, nothing to train (--restart trains "
                              "it again)", out, cfg.epochs)
                 return done
-            if not resume and (out / "checkpoint.pt").is_file() and owner:
-                log.info("%s holds an unfinished run of this config: resuming it (--restart starts it over)", out)
-            resume = True  # where there is no checkpoint, the run starts fresh
+            if not resume and (out / "checkpoint.pt").is_file():
+                if owner:
+                    log.info("%s holds an unfinished run of this config: resuming it (--restart starts it over)", out)
+                resume = True
         return STRATEGIES[cfg.parallel].run(cfg, resume=resume, progress=progress, callbacks=callbacks)
 
 
