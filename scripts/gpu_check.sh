@@ -38,7 +38,7 @@ if [ "$cuda" = 1 ]; then
   part cuda-tests 150 python -m pytest -q tests/cuda tests/precision tests/compile tests/diagnostics/test_memory.py tests/test_devices.py
   part step-time 120 python benchmarks/step_time.py --device cuda --rules bp,fa,dfa,las,asap --models mlp,conv3 --out "$out"
   part compile-precision 150 python benchmarks/compile_precision.py --device cuda --model conv3 --out "$out"
-  part memory 60 creditflow memory --device cuda --model resnet18 --rules bp,fa,dfa,asap,asap:k=4 --out "$out/memory.json"
+  part memory 60 creditflow memory --device cuda --model resnet18 --rules bp,fa,dfa,asap,asap:k=4 --out "$out/memory"
 else
   dev=cpu
   echo "no CUDA here: the GPU parts (CUDA tests, step times and compile/bf16 on cuda, memory --device cuda," \

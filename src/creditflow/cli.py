@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from .jobs.align import AlignConfig
 from .jobs.analyze import AnalyzeOptions
+from .jobs.inspect import MemoryOptions, SharingOptions
 from .jobs.reproduce import ReproduceOptions
 from .registry import DATASETS, MODELS, RULES
 from .train.config import CompareConfig, ConfigError, RunConfig
@@ -31,11 +32,19 @@ from .train.preemption import Preempted
 SKIP = {"rule_options", "model_options"}
 
 
+#: what ``--help`` lists first, in this order (the rest follow in the schema's order)
+FIRST = ("rule", "rules", "model", "dataset", "data_dir", "epochs", "batch_size", "optimizer", "lr", "seed", "seeds",
+         "device", "out")
+
+
 def schema_options(schema: type[BaseModel], exclude: set[str] = frozenset()):
-    """Click options for every schema field; defaults stay None so we know what was given."""
+    """Click options for every schema field; defaults stay None so we know what was given. The most
+    used come first (:data:`FIRST`)."""
 
     def decorate(command):
-        for name, field in reversed(list(schema.model_fields.items())):
+        fields = list(schema.model_fields.items())
+        fields.sort(key=lambda f: FIRST.index(f[0]) if f[0] in FIRST else len(FIRST))  # stable
+        for name, field in reversed(fields):
             if name in SKIP or name in exclude:
                 continue
             flag = "--" + name.replace("_", "-")
@@ -224,9 +233,9 @@ def run_job(schema, job, config_file, quiet, rule_option, model_option, flags, *
 
 
 @main.command()
+@schema_options(RunConfig)
 @common
 @training
-@schema_options(RunConfig)
 def train(config_file, resume, restart, extend, overwrite, quiet, rule_option, model_option, **flags):
     """Train one rule on one model and dataset; writes config, metrics, checkpoint, summary."""
     from .train import train as run_train
@@ -240,8 +249,8 @@ def train(config_file, resume, restart, extend, overwrite, quiet, rule_option, m
 
 
 @main.command()
-@common
 @schema_options(CompareConfig, exclude={"rule"})
+@common
 def compare(config_file, resume, restart, overwrite, quiet, rule_option, model_option, **flags):
     """Compare rules on the same model, data and seeds (default: BP, Shallow, FA, DFA on the embedded data)."""
     from .jobs.compare import compare as run_compare
@@ -254,8 +263,8 @@ def compare(config_file, resume, restart, overwrite, quiet, rule_option, model_o
 
 
 @main.command()
-@job_options
 @schema_options(AlignConfig, exclude={"rule"})
+@job_options
 def align(config_file, overwrite, quiet, rule_option, model_option, **flags):
     """Train rules from one initialisation; measure each block's signal against BP's gradient (cosine)."""
     from .jobs.align import align as run_align
@@ -311,79 +320,23 @@ def reproduce(preset, list_presets, quiet, **flags):
 
 
 @main.command()
-@click.option("--model", "model_names", default="resnet18", show_default=True,
-              help="model spec, or several comma-separated (one table each; --plot then compares them)")
-@click.option("--rules", "rule_names", default="bp,fa,dfa", show_default=True,
-              help="comma-separated rules, options after colons (asap:k=4:saved_norm=bfloat16)")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (auto: cuda where available)")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="the step under autocast, as train --precision")
+@schema_options(MemoryOptions, exclude={"model_options"})
 @click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="extra model argument, e.g. width=16")
-@click.option("--plot", type=click.Path(dir_okay=False), help="write the access bar chart (.png or .svg)")
-@click.option("--out", type=click.Path(dir_okay=False), help="write the rows as JSON")
-def memory(model_names, rule_names, batch_size, num_classes, device, precision, model_option, plot, out):
+def memory(model_option, **flags):
     """Memory per rule: bytes saved for backward (measured) and external memory accesses (modelled)."""
-    from .devices import resolve_device
-    from .diagnostics.memory_model import (
-        memory_table,
-        plot_access,
-        plot_access_across,
-        to_markdown,
-    )
-    from .rules import parse_spec
-    from .train.checkpoint import write_json
+    from .jobs.inspect import memory as run_memory
 
-    try:
-        device = resolve_device(device)  # a CUDA device on a CPU build: one line, before anything runs
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--device") from None
-    names = [n.strip() for n in rule_names.split(",") if n.strip()]
-    for name in names:
-        try:
-            parse_spec(name)
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="--rules") from None
-    if plot and not plot.endswith((".png", ".svg")):
-        raise click.BadParameter(f"plot file must end in .png or .svg, got {plot!r}", param_hint="--plot")
-    model_list = [m.strip() for m in model_names.split(",") if m.strip()]
-    tables = {}
-    for model in model_list:
-        tables[model] = memory_table(model, names, batch_size, num_classes, device,
-                                     key_values(model_option, "--model-option"), precision=precision)
-        click.echo(to_markdown(tables[model], model, batch_size))
-    if plot and len(tables) == 1:
-        plot_access(tables[model_list[0]], model_list[0], plot)
-    elif plot:
-        plot_access_across(tables, plot)
-    if out:
-        write_json(out, tables[model_list[0]] if len(tables) == 1 else tables)
+    click.echo(run_memory(resolve(MemoryOptions, None, flags, model_option=model_option)))
 
 
 @main.command()
-@click.option("--model", "model_name", default="resnet18", show_default=True, help="model spec")
-@click.option("--rule", "rule_spec", default="asap", show_default=True,
-              help="an activation-sharing rule, options after colons (asap:k=4, as:reading=group-input)")
-@click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=1))
+@schema_options(SharingOptions, exclude={"model_options"})
 @click.option("--model-option", multiple=True, metavar="KEY=VALUE", help="extra model argument, e.g. width=16")
-def sharing(model_name, rule_spec, num_classes, model_option):
+def sharing(model_option, **flags):
     """Which activation every layer's weight (and B) gradient reads under activation sharing."""
-    from . import models
-    from .registry import RULES
-    from .rules import build_spec
-    from .rules.activation_sharing import format_plan
+    from .jobs.inspect import sharing as run_sharing
 
-    try:
-        rule = build_spec(rule_spec, models.build(model_name, num_classes=num_classes,
-                                                  **key_values(model_option, "--model-option")), num_classes)
-        plan = getattr(rule, "sharing_plan", None)
-        if plan is None:
-            able = [n for n in RULES.available() if hasattr(RULES.get(n).builder, "sharing_plan")]
-            raise ValueError(f"rule {rule_spec!r} shares no activations; rules that do: {', '.join(able)}")
-        click.echo(format_plan(plan()))
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    click.echo(run_sharing(resolve(SharingOptions, None, flags, model_option=model_option)))
 
 
 def listing(registry):

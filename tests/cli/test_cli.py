@@ -114,3 +114,17 @@ def test_datasets_says_which_are_present_and_where(tmp_path, monkeypatch):
             "--data-dir is left out") in lines["fashion-mnist"]
     assert "present: embedded" in lines["fashion-mnist-mini"]
     assert "absent (downloaded on first use); to get it:" in lines["cifar10"]
+
+
+def test_every_subcommand_shows_its_defaults_in_one_style_and_shared_options_agree():
+    import re
+
+    for name in sorted(main.commands):
+        text = CliRunner().invoke(main, [name, "--help"], terminal_width=200).output
+        flat = " ".join(text.split())
+        assert not re.search(r"\[default: [^(]", flat), (name, re.findall(r"\[default: [^\]]*\]", flat))
+        if "--device" in flat:  # one device choice, one default, everywhere
+            assert "auto, cpu, cuda or cuda:N" in flat and "[default: (auto)]" in flat, name
+        if "--rule " in flat or "--rules " in flat:  # the most used options come first
+            first = flat.split("Options:", 1)[1].split()[0]
+            assert first in ("--rule", "--rules", "--model"), (name, first)

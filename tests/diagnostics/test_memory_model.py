@@ -32,10 +32,11 @@ def test_memory_table_measures_and_models_every_rule():
 def test_memory_command_prints_both_tables(tmp_path):
     plot = tmp_path / "access.svg"
     result = CliRunner().invoke(main, ["memory", "--model", "mlp:784-32-10", "--rules", "bp,fa", "--batch-size", "4",
-                                       "--plot", str(plot), "--out", str(tmp_path / "rows.json")])
+                                       "--plot", str(plot), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "saved for backward MiB" in result.output and "Modelled external memory accesses" in result.output
-    assert plot.read_text().lstrip().startswith("<?xml") and (tmp_path / "rows.json").exists()
+    assert plot.read_text().lstrip().startswith("<?xml")
+    assert (tmp_path / "out" / "memory.json").exists() and "| fa |" in (tmp_path / "out" / "memory.md").read_text()
     result = CliRunner().invoke(main, ["memory", "--rules", "bp,asapp"])
     assert result.exit_code == 2 and "unknown rule 'asapp'" in result.output
 

@@ -143,7 +143,7 @@ class Conv2dFeedbackFn(torch.autograd.Function):
                 grad_x, grad_w, grad_b = conv_backward(a, feedback, bias_sizes, (need_x, want_w, need_b))
             else:
                 grad_x = grad_w = grad_b = None
-                if need_x:
+                if need_x:  # the input only gives its shape, as torch.nn.grad.conv2d_input passes it too
                     grad_x = conv_backward(grad_out.new_empty(1).expand(ctx.x_shape), feedback, None,
                                            (True, False, False))[0]
                 if want_w or need_b:
