@@ -128,3 +128,16 @@ def test_every_subcommand_shows_its_defaults_in_one_style_and_shared_options_agr
         if "--rule " in flat or "--rules " in flat:  # the most used options come first
             first = flat.split("Options:", 1)[1].split()[0]
             assert first in ("--rule", "--rules", "--model"), (name, first)
+
+
+def test_compare_takes_rules_with_options_as_align_and_memory_do(tmp_path):
+    result = run("compare", "--rules", "bp,dfa:feedback_init=product", "--seeds", "1", "--out", str(tmp_path), *TINY)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["rule"] for r in rows] == ["bp", "dfa:feedback_init=product"]
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "dfa-feedback_init=product" / "seed0" / "config.yaml").read_text())
+    assert saved["rule"] == "dfa" and saved["rule_options"] == {"feedback_init": "product"}
+    bad = run("compare", "--rules", "bp,dfa:feedback_init", "--out", str(tmp_path / "bad"), *TINY)
+    assert bad.exit_code == 2 and "expected name:key=value" in bad.output

@@ -154,7 +154,7 @@ class CompareConfig(RunConfig):
     """Several rules on the same model, data and seeds."""
 
     rules: list[str] = Field(default_factory=lambda: ["bp", "shallow", "fa", "dfa"],
-                             description="rules to compare, comma-separated")
+                             description="rules to compare, comma-separated, options after colons (asap:k=4)")
     seeds: int = Field(3, ge=1, description="number of seeds (seed, seed+1, ...)")
 
     @field_validator("rules", mode="before")
@@ -163,14 +163,25 @@ class CompareConfig(RunConfig):
         names = [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else list(v)
         if not names:
             raise ValueError("rules must name at least one rule")
-        return [registered(RULES, n) for n in names]
+        from ..rules import parse_spec  # (the rules package imports this module's neighbours)
+
+        for spec in names:
+            parse_spec(spec)  # an unknown rule or a malformed option: one line naming it
+        if len(set(names)) < len(names):
+            raise ValueError(f"rules names one twice: {names}")
+        return names
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/compare-{self.dataset}-{config_key(self)}")
 
-    def run(self, rule: str, seed: int) -> RunConfig:
-        fields = self.model_dump(exclude={"rules", "seeds", "out", "rule", "seed"})
-        return RunConfig(**fields, rule=rule, seed=seed, out=str(self.out_dir() / rule / f"seed{seed}"))
+    def run(self, spec: str, seed: int) -> RunConfig:
+        """The run of one entry of ``rules`` (``"asap:k=4"``: its options over ``rule_options``)."""
+        from ..rules import parse_spec
+
+        name, options = parse_spec(spec)
+        fields = self.model_dump(exclude={"rules", "seeds", "out", "rule", "seed", "rule_options"})
+        return RunConfig(**fields, rule=name, rule_options={**self.rule_options, **options}, seed=seed,
+                         out=str(self.out_dir() / spec.replace(":", "-") / f"seed{seed}"))
 
 
 def validate(schema: type[BaseModel], values: dict[str, Any]) -> BaseModel:
