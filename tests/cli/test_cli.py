@@ -141,3 +141,19 @@ def test_compare_takes_rules_with_options_as_align_and_memory_do(tmp_path):
     assert saved["rule"] == "dfa" and saved["rule_options"] == {"feedback_init": "product"}
     bad = run("compare", "--rules", "bp,dfa:feedback_init", "--out", str(tmp_path / "bad"), *TINY)
     assert bad.exit_code == 2 and "expected name:key=value" in bad.output
+
+
+def test_compare_side_by_side_gives_the_numbers_of_one_at_a_time(tmp_path):
+    import torch
+
+    args = ["--rules", "bp,dfa", "--seeds", "2", *TINY]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count: the same order of floating-point sums
+    try:
+        assert run("compare", "--out", str(tmp_path / "one"), *args).exit_code == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = run("compare", "--out", str(tmp_path / "two"), "--jobs", "2", *args)
+    assert result.exit_code == 0, result.output
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("one", "two"))
+    assert [(r["rule"], r["test_acc_mean"]) for r in one] == [(r["rule"], r["test_acc_mean"]) for r in two]

@@ -12,6 +12,7 @@ from ..train.metrics import read_jsonl
 from ..train.preemption import stop_signals
 from ..train.runfolder import claim
 from ..train.trainer import train
+from .lanes import run_all
 
 
 def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True,
@@ -26,8 +27,17 @@ def compare(cfg: CompareConfig, *, resume: bool = False, progress: bool = True,
     with claim(out, cfg, resume=resume, overwrite=overwrite), stop_signals():  # a signal between runs too
         write_text(out / "config.yaml", dump_yaml(cfg))
         runs: dict[str, list[dict[str, Any]]] = {r: [] for r in cfg.rules}
-        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-            for rule in cfg.rules:  # rules inner: a slow machine drifts across all rules alike
+        # rules inner: a slow machine drifts across all rules alike
+        plan = [(rule, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for rule in cfg.rules]
+        if cfg.jobs > 1:
+            if restart or overwrite:
+                raise ValueError("--jobs N resumes or reads back each run; --restart and --overwrite need --jobs 1")
+            order = [("compare", rule, cfg.run(rule, seed)) for rule, seed in plan]
+            done = {(rule, c.seed): summary for (_, rule, c), summary in run_all(order, cfg.jobs, progress)}
+            for rule, seed in plan:
+                runs[rule].append(done[rule, seed])
+        else:
+            for rule, seed in plan:
                 runs[rule].append(train(cfg.run(rule, seed), resume=resume, progress=progress, overwrite=overwrite,
                                         restart=restart))
         rows = table_rows(runs)

@@ -26,7 +26,7 @@ from ..devices import check_device_name
 from ..registry import DATASETS, MODELS, RULES
 
 #: config keys that say where a run's work happens, not what it computes: a run resumes across them
-PLACEMENT_KEYS = frozenset({"stages", "backend", "out"})
+PLACEMENT_KEYS = frozenset({"stages", "backend", "out", "jobs"})
 
 
 def config_key(config: BaseModel) -> str:
@@ -156,6 +156,7 @@ class CompareConfig(RunConfig):
     rules: list[str] = Field(default_factory=lambda: ["bp", "shallow", "fa", "dfa"],
                              description="rules to compare, comma-separated, options after colons (asap:k=4)")
     seeds: int = Field(3, ge=1, description="number of seeds (seed, seed+1, ...)")
+    jobs: int = Field(1, ge=1, description="runs side by side, one thread each (as reproduce --jobs)")
 
     @field_validator("rules", mode="before")
     @classmethod
@@ -179,7 +180,7 @@ class CompareConfig(RunConfig):
         from ..rules import parse_spec
 
         name, options = parse_spec(spec)
-        fields = self.model_dump(exclude={"rules", "seeds", "out", "rule", "seed", "rule_options"})
+        fields = self.model_dump(exclude={"rules", "seeds", "jobs", "out", "rule", "seed", "rule_options"})
         return RunConfig(**fields, rule=name, rule_options={**self.rule_options, **options}, seed=seed,
                          out=str(self.out_dir() / spec.replace(":", "-") / f"seed{seed}"))
 
