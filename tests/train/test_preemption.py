@@ -99,7 +99,8 @@ def test_sigterm_from_outside_prints_one_line_exits_143_and_the_same_command_res
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGTERM at epoch 2 step ") and "run the same command again" in last
+    assert last.startswith(("stopped by SIGTERM at epoch 2 step ", "stopped by SIGTERM at the end of epoch 1"))
+    assert "run the same command again" in last
     again = subprocess.run([*CLI, "--out", str(out)], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert "holds an unfinished run of this config: resuming it (--restart starts it over)" in again.stderr
@@ -108,12 +109,20 @@ def test_sigterm_from_outside_prints_one_line_exits_143_and_the_same_command_res
     assert finished.returncode == 0 and "holds a finished run (3 epochs): read back" in finished.stderr
 
 
-@pytest.mark.parametrize("nproc", [2])
-def test_ddp_ranks_agree_on_the_step_and_the_requeued_command_resumes(tmp_path, nproc):
-    """SIGTERM to the launcher goes on to every rank; they stop after the same step (checked every
-    10 steps), rank 0 writes the cut, the launch exits 143, and the same command resumes to the
-    numbers of an uninterrupted DDP run."""
-    cmd = [*CLI[:-4], "--epochs", "3", "--max-steps-per-epoch", "120", "--parallel", "ddp", "--nproc", str(nproc),
+STRATEGY_FLAGS = {
+    "ddp": ["--rule", "bp", "--parallel", "ddp", "--nproc", "2"],
+    "pipeline": ["--rule", "dfa", "--model", "mlp:784-64-32-10", "--parallel", "pipeline", "--stages", "2"],
+    "pipeline-al": ["--rule", "al", "--model", "al-mlp:784-32-32-10", "--parallel", "pipeline", "--stages", "2"],
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_FLAGS))
+def test_every_process_stops_after_the_same_step_and_the_requeued_command_resumes(tmp_path, strategy):
+    """SIGTERM to the launcher goes on to every rank or stage; DDP's ranks agree every 10 steps,
+    a pipeline's stages stop after the micro-batch whose header stage 0 marked last (their queues
+    flushed); rank 0 writes the cut, the launch exits 143, and the same command resumes to the
+    numbers of an uninterrupted run of that strategy."""
+    cmd = [*CLI[:-4], "--epochs", "3", "--max-steps-per-epoch", "120", *STRATEGY_FLAGS[strategy],
            "--device", "cpu", "--augment", "flip"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight_out, out = tmp_path / "straight", tmp_path / "cut"
@@ -126,7 +135,8 @@ def test_ddp_ranks_agree_on_the_step_and_the_requeued_command_resumes(tmp_path, 
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM at epoch 2 step ")
+    last = err.strip().splitlines()[-1]  # mid-epoch 2, or at epoch 1's end if it came while evaluating
+    assert last.startswith(("stopped by SIGTERM at epoch 2 step ", "stopped by SIGTERM at the end of epoch 1")), last
     again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert same_numbers(out, straight_out)
@@ -223,3 +233,18 @@ def test_reproduce_side_by_side_stops_cleanly_and_the_same_command_finishes_it(t
     for rule in ("bp", "dfa"):
         for seed in (0, 1):
             assert same_numbers(out / "mini" / rule / f"seed{seed}", tmp_path / "straight" / "mini" / rule / f"seed{seed}")
+
+
+@pytest.mark.parametrize("schedule", ["sync"])
+def test_a_pipeline_cut_mid_epoch_resumes_to_the_same_numbers(tmp_path, schedule):
+    """Deterministic: every stage sends itself SIGTERM before global step 8 (inside epoch 2); stage 0
+    marks micro-batch 8 the last, every stage stops after it, and the resumed run equals a straight one."""
+    base = dict(SMALL, rule="dfa", model="mlp:784-32-16-10", parallel="pipeline", stages=2, pipeline_schedule=schedule)
+    straight_out = tmp_path / "straight"
+    train(RunConfig(**base, out=str(straight_out)), progress=False)
+    cfg = RunConfig(**base, out=str(tmp_path / "cut"))
+    with pytest.raises(Preempted) as stopped:
+        train(cfg, progress=False, callbacks=[SignalAt(8)])
+    assert "at epoch 2 step 3/6" in str(stopped.value)
+    train(cfg, progress=False)
+    assert same_numbers(tmp_path / "cut", straight_out)

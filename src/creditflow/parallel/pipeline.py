@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..rules.base import OutputError
+from ..train.loop import EpochProgress
 from ..train.trainer import (
     DIVERGENCE_CHECK_EVERY,
     EXPECTED_ERRORS,
@@ -133,14 +134,20 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def run_epoch(self, steps: int, batches: Iterator[tuple[Tensor, Tensor]] | None, warmup: int = 0) -> EpochStats:
+    def run_epoch(self, steps: int, batches: Iterator[tuple[Tensor, Tensor]] | None, warmup: int = 0,
+                  stop: Callable[[], bool] | None = None, start: EpochProgress | None = None) -> EpochStats:
+        """``steps`` micro-batches, or fewer: stage 0 asks ``stop()`` after each, and the stages after it
+        learn it from the batch's header, so every stage stops after the same micro-batch (its updates
+        applied and the queues flushed, as at an epoch's end); ``EpochStats.steps`` says how many.
+        ``start``: this stage's sums of the part of the epoch a cut left (the sums go on from them)."""
         stage, links, rule = self.stage, self.links, self.stage.rule
         stage.train()
         dev = stage.device
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), dtype=torch.long, device=dev)
-        metric_sums: dict[str, Tensor] = {}
-        seen, busy, wait, losses = 0, 0.0, 0.0, []
+        start = start or EpochProgress.none()
+        loss_sum = torch.tensor(start.loss_sum, device=dev)
+        correct = torch.tensor(start.correct, dtype=torch.long, device=dev)
+        metric_sums: dict[str, Tensor] = {n: torch.tensor(v, device=dev) for n, v in start.metrics.items()}
+        seen, busy, wait, losses = start.seen, 0.0, 0.0, []
         queue: deque = deque()  # (record, stash) waiting for their output error
         decode_queue: deque = deque()  # records waiting for the prediction from the stage above
         decode_lag = stage.num_stages - 1 - stage.index
@@ -155,14 +162,15 @@ class Runner:
             if stage.is_first:
                 x, y = next(batches)
                 inputs = rule.first_inputs(x, y)
+                last = k + 1 < steps and stop is not None and stop()
             else:
-                inputs, y = links.recv_forward(prefetch=k + 1 < steps)
+                inputs, y, last = links.recv_forward(prefetch=k + 1 < steps)
             t1 = self._now()
             wait += t1 - t0
             waited_before = wait
             record, pairs, send = stage.forward(inputs, y, stash=self.lag > 0)
             if not stage.is_last:
-                links.send_forward(k, y, send)
+                links.send_forward(k, y, send, last)
             step_loss = torch.zeros((), device=dev)
             if stage.is_last:
                 error = rule.output_error(record)
@@ -201,6 +209,9 @@ class Runner:
             busy += self._now() - t1 - (wait - waited_before)  # waits for errors/decodes are not work
             if self.check is not None and self.global_step % DIVERGENCE_CHECK_EVERY == 0:
                 self.check()
+            if last:
+                steps = k + 1
+                break
         while queue:  # flush: the last d batches' updates
             t1 = self._now()
             w = self._update_oldest(queue, metric_sums)
@@ -368,8 +379,6 @@ class PipelineStrategy(Strategy):
 
     steps_whole_rule = False
     balance = "params"
-    #: not yet: a signal stops the stages as its default action does (the last epoch's checkpoint stays)
-    preemptible = False
 
     @classmethod
     def run(cls, cfg, *, resume=False, progress=True, callbacks=(), timeout_s: float = 60.0):
@@ -429,9 +438,18 @@ class PipelineStrategy(Strategy):
                         lambda stage, step: trainer.step_started(step), watch=trainer.watch,
                         check=trainer.check_divergence)
         runner.global_step = trainer.global_step
-        stats = runner.run_epoch(steps, batches)
-        trainer.global_step = runner.global_step - steps
-        trainer.advance(steps)
+        start = start or EpochProgress.none()  # this stage's part of a cut epoch
+        todo = steps - start.steps
+        stats = runner.run_epoch(todo, batches, stop=lambda: trainer.stop.requested, start=start)  # stage 0 asks
+        done = stats.steps
+        trainer.global_step = runner.global_step - done
+        trainer.advance(done)
+        # the sums went on from the cut's; the steps and the time are this run's
+        stats = stats._replace(steps=start.steps + done, start=stats.start - start.seconds)
+        if done < todo:  # a signal: every stage stopped after the same micro-batch
+            trainer.cut = EpochProgress(stats.steps, stats.loss_sum, stats.correct or 0, stats.seen,
+                                        stats.end - stats.start, stats.metrics)
+            return None
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         reports = self.gather((stats._asdict(), peak))
         if not self.is_main:
@@ -448,6 +466,12 @@ class PipelineStrategy(Strategy):
                            None, max(p or 0 for p in peaks) or None,
                            *([None if t is None else round(t, 4) for t in times]
                              for times in ([s.busy_s for s in all_stats], [s.wait_s for s in all_stats])))
+
+    def stop_agreed(self, requested, step):
+        return bool(self.share(requested))  # stage 0's request: the stages stop where it does
+
+    def gather_all(self, obj):
+        return self.gather(obj)
 
     def gather(self, obj):
         return gather(to_cpu(obj), self.groups.control)

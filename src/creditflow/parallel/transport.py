@@ -3,8 +3,9 @@
 Channels (each on its own process group, so that every group carries one kind of message in one
 direction between any two ranks):
 
-- **headers**, stage s -> s+1, on a gloo group: ``[k, n]`` (int64, host memory). The receiver learns
-  the micro-batch size ``n`` without reading a device tensor, so no step waits on the GPU for it.
+- **headers**, stage s -> s+1, on a gloo group: ``[k, n, last]`` (int64, host memory). The receiver
+  learns the micro-batch size ``n`` without reading a device tensor, so no step waits on the GPU for
+  it; ``last`` 1 means the run stops after this micro-batch (a signal reached stage 0).
 - **forward**, stage s -> s+1, on the run's backend (NCCL on CUDA): the labels ``y`` and the boundary
   tensors, each padded to the batch size ``B`` so that buffers can be posted before ``n`` is known.
 - **errors**, last stage -> each stage that waits for the output error: ``[e | logits]`` (B, 2C).
@@ -75,8 +76,8 @@ class Links:
         self._errors: deque = deque()  # posted error receives, oldest first
 
     # forward channel
-    def send_forward(self, k: int, y: Tensor, tensors: Sequence[Tensor]) -> None:
-        header = torch.tensor([k, len(y)], dtype=torch.long)  # host memory: len(y) is known here
+    def send_forward(self, k: int, y: Tensor, tensors: Sequence[Tensor], last: bool = False) -> None:
+        header = torch.tensor([k, len(y), int(last)], dtype=torch.long)  # host memory: len(y) is known here
         payload = [self._pad(y), *(self._pad(t) for t in tensors)]
         works = [dist.isend(header, self.index + 1, group=self.groups.headers, tag=HEADER_TAG)]
         works += [dist.isend(t, self.index + 1, group=self.groups.forward, tag=FORWARD_TAG) for t in payload]
@@ -84,18 +85,20 @@ class Links:
         while len(self._pending) > SEND_WINDOW:
             self._wait_oldest()
 
-    def recv_forward(self, prefetch: bool) -> tuple[list[Tensor], Tensor]:
+    def recv_forward(self, prefetch: bool) -> tuple[list[Tensor], Tensor, bool]:
+        """``(boundary tensors, labels, last)``: ``last``, the run stops after this micro-batch."""
         if self._posted is None:
             self._posted = self._post_forward()
         works, (header, y, *bufs) = self._posted
         for w in works:
             w.wait()
-        self._posted = self._post_forward() if prefetch else None
+        last = bool(header[2])
+        self._posted = self._post_forward() if prefetch and not last else None
         n = int(header[1])  # a host tensor: no device sync
-        return [b[:n].to(self.device) for b in bufs], y[:n].to(self.device)
+        return [b[:n].to(self.device) for b in bufs], y[:n].to(self.device), last
 
     def _post_forward(self):
-        header = torch.empty(2, dtype=torch.long)
+        header = torch.empty(3, dtype=torch.long)
         bufs = [torch.empty(self.B, dtype=torch.long, device=self.wire)]
         bufs += [torch.empty(self.B, *shape, dtype=self.dtype, device=self.wire) for shape in self.in_shapes]
         works = [dist.irecv(header, self.index - 1, group=self.groups.headers, tag=HEADER_TAG)]
