@@ -345,6 +345,13 @@ class Trainer:
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> dict[str, Any] | None:
+        self._start(resume)
+        for epoch in range(self.epochs_done, self.cfg.epochs):
+            self._epoch(epoch)
+        return self._finish()
+
+    def _start(self, resume: bool) -> None:
+        """Data, rule, optimizer, the checkpoint's state where one is resumed; config.yaml written."""
         cfg, strategy = self.cfg, self.strategy
         main = strategy.is_main
         out = cfg.out_dir()
@@ -391,86 +398,98 @@ class Trainer:
         self.global_step = start * steps + (within["ranks"][0]["progress"]["steps"] if within else 0)
         self.steps_per_epoch, self.epochs_done = steps, start
         self.watch = DivergenceWatch(cfg.divergence_factor, self.device, (ckpt or {}).get("initial_loss"))
-        augment = data.augment.build(cfg.augment)
+        # On CUDA the training set lives on the device (uint8: CIFAR-10 is 150 MB), so a batch is an
+        # index into it, not a pageable host-to-device copy per step.
+        self.train_set = None if splits is None else splits.train.to(self.device) if self.device.type == "cuda" else splits.train
+        self.out, self.ckpt_path, self.gen, self.rows, self.within = out, ckpt_path, gen, rows, within
+        self.augment = data.augment.build(cfg.augment)
+        self.within_pending = within is not None  # the first epoch resumes inside, from the cut
         for cb in self.callbacks:
             cb.on_fit_start(self)
 
-        # On CUDA the training set lives on the device (uint8: CIFAR-10 is 150 MB), so a batch is an
-        # index into it, not a pageable host-to-device copy per step.
-        train_set = None if splits is None else splits.train.to(self.device) if self.device.type == "cuda" else splits.train
+    def _batches(self, skip: int = 0, resumed_state=None):
+        """One epoch's normalised, augmented batches from the run's generator."""
+        cfg, gen, splits = self.cfg, self.gen, self.splits
+        # skip: batches a cut epoch had done; its permutation is drawn again from the epoch's first
+        # generator state, and then the generator goes on from where the cut left it
+        for i, (xb, yb) in enumerate(data.batches(self.train_set, cfg.batch_size, shuffle=True, generator=gen,
+                                                  skip=skip)):
+            if i == 0 and resumed_state is not None:
+                gen.set_state(resumed_state)
+            x, y = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            x = self.augment(x, generator=gen)  # the whole batch: every rank draws the same augmentation
+            yield splits.normalize(x), y
 
-        def epoch_batches(skip: int = 0, resumed_state=None):
-            # skip: batches a cut epoch had done; its permutation is drawn again from the epoch's first
-            # generator state, and then the generator goes on from where the cut left it
-            for i, (xb, yb) in enumerate(data.batches(train_set, cfg.batch_size, shuffle=True, generator=gen,
-                                                      skip=skip)):
-                if i == 0 and resumed_state is not None:
-                    gen.set_state(resumed_state)
-                x, y = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
-                x = augment(x, generator=gen)  # the whole batch: every rank draws the same augmentation
-                yield splits.normalize(x), y
-
-        for epoch in range(start, cfg.epochs):
-            strategy.before_epoch(epoch)
-            for cb in self.callbacks:
-                cb.on_epoch_start(self, epoch)
-            progress = None
-            if within is not None and epoch == start:
-                mine = within["ranks"][strategy.rank]
-                progress = EpochProgress(**mine["progress"])
-                torch.set_rng_state(mine["torch_rng"])  # after before_epoch, which may reseed a rank
-                if mine["cuda_rng"] is not None and self.device.type == "cuda":
-                    torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
-                epoch_start, resumed_state = within["epoch_generator"], gen.get_state()
-                gen.set_state(epoch_start)
-            else:
-                epoch_start, resumed_state = gen.get_state(), None
-            self._bar = tqdm(total=steps, initial=progress.steps if progress else 0,
-                             desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not self.progress)
-            batches = (epoch_batches(progress.steps if progress else 0, resumed_state)
-                       if strategy.needs_batches() else None)
-            self.cut = None
-            totals = strategy.run_epoch(self, batches, steps, epoch, progress)
-            if self.cut is not None:  # a signal: a checkpoint of this step, then out
-                self._bar.close()
-                self._bar = None
-                self._write_cut(ckpt_path, epoch, steps, gen, epoch_start)
-            if main:  # the rest of the epoch since the last check (the pipeline's every stage, gathered)
-                self.check_divergence()
+    def _epoch(self, epoch: int) -> None:
+        """One epoch: its steps, the main process's evaluation, metrics row and checkpoint."""
+        cfg, strategy, rule, steps = self.cfg, self.strategy, self.rule, self.steps_per_epoch
+        main, out, ckpt_path, gen, rows, within = (strategy.is_main, self.out, self.ckpt_path, self.gen, self.rows,
+                                                   self.within)
+        strategy.before_epoch(epoch)
+        for cb in self.callbacks:
+            cb.on_epoch_start(self, epoch)
+        progress = None
+        if within is not None and epoch == self.epochs_done and self.within_pending:
+            mine = within["ranks"][strategy.rank]
+            progress = EpochProgress(**mine["progress"])
+            self.within_pending = False
+            torch.set_rng_state(mine["torch_rng"])  # after before_epoch, which may reseed a rank
+            if mine["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+            epoch_start, resumed_state = within["epoch_generator"], gen.get_state()
+            gen.set_state(epoch_start)
+        else:
+            epoch_start, resumed_state = gen.get_state(), None
+        self._bar = tqdm(total=steps, initial=progress.steps if progress else 0,
+                         desc=f"{cfg.rule} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not self.progress)
+        batches = (self._batches(progress.steps if progress else 0, resumed_state)
+                   if strategy.needs_batches() else None)
+        self.cut = None
+        totals = strategy.run_epoch(self, batches, steps, epoch, progress)
+        if self.cut is not None:  # a signal: a checkpoint of this step, then out
             self._bar.close()
             self._bar = None
-            if self.scheduler is not None:
-                self.scheduler.step()
-            strategy.after_epoch()
-            state = self._process_state()
-            states = strategy.gather(state)
-            rule_state = strategy.rule_state(rule)
-            if not main:
-                strategy.release()
-                self.epochs_done = epoch + 1  # rank 0 has written its checkpoint
-                self._stop_after_epoch(epoch, steps)
-                continue
-            row = self._row(epoch, totals, rows)
-            rows.append(row)
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, row)
-            # metrics first: a kill before the checkpoint is renamed in leaves an extra row that
-            # resume drops; the other order would lose the row of the epoch the checkpoint holds
-            write_jsonl(out / "metrics.jsonl", rows)
-            save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "config": cfg.model_dump(mode="json"), "rule": rule_state,
-                "generator": gen.get_state(), "processes": states, "strategy": strategy.describe(),
-                "initial_loss": self.watch.initial_loss(),
-            })
+            self._write_cut(ckpt_path, epoch, steps, gen, epoch_start)
+        if main:  # the rest of the epoch since the last check (the pipeline's every stage, gathered)
+            self.check_divergence()
+        self._bar.close()
+        self._bar = None
+        if self.scheduler is not None:
+            self.scheduler.step()
+        strategy.after_epoch()
+        state = self._process_state()
+        states = strategy.gather(state)
+        rule_state = strategy.rule_state(rule)
+        if not main:
             strategy.release()
-            self.epochs_done = epoch + 1
-            # rule and seed on every line: compare interleaves many runs in one log
-            log.info("%s seed %d epoch %d/%d: loss %.4f, accuracy train %s val %s test %s", cfg.rule, cfg.seed,
-                     row["epoch"], cfg.epochs, row["train_loss"], _fmt(row["train_acc"]), _fmt(row["val_acc"]),
-                     _fmt(row["test_acc"]))
+            self.epochs_done = epoch + 1  # rank 0 has written its checkpoint
             self._stop_after_epoch(epoch, steps)
+            return
+        row = self._row(epoch, totals, rows)
+        rows.append(row)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, row)
+        # metrics first: a kill before the checkpoint is renamed in leaves an extra row that
+        # resume drops; the other order would lose the row of the epoch the checkpoint holds
+        write_jsonl(out / "metrics.jsonl", rows)
+        save_checkpoint(ckpt_path, {
+            "epoch": epoch + 1, "config": cfg.model_dump(mode="json"), "rule": rule_state,
+            "generator": gen.get_state(), "processes": states, "strategy": strategy.describe(),
+            "initial_loss": self.watch.initial_loss(),
+        })
+        strategy.release()
+        self.epochs_done = epoch + 1
+        # rule and seed on every line: compare interleaves many runs in one log
+        log.info("%s seed %d epoch %d/%d: loss %.4f, accuracy train %s val %s test %s", cfg.rule, cfg.seed,
+                 row["epoch"], cfg.epochs, row["train_loss"], _fmt(row["train_acc"]), _fmt(row["val_acc"]),
+                 _fmt(row["test_acc"]))
+        self._stop_after_epoch(epoch, steps)
+
+    def _finish(self) -> dict[str, Any] | None:
+        """summary.json and the curves (the main process); every process returns the summary."""
+        cfg, strategy, rows, out, splits = self.cfg, self.strategy, self.rows, self.out, self.splits
         summary = None
-        if main:
+        if strategy.is_main:
             summary = summarize(rows, cfg.model_dump(mode="json"))
             summary["data"] = {"origin": splits.origin, "files": list(splits.files)}
             if strategy.describe() is not None:
