@@ -157,7 +157,7 @@ def locate(
             f"dataset {where.name!r} not in --data-dir {data_dir}: looked in {'; '.join(looked)}; expected "
             f"{where.expects}; to get it: {where.how_to}; or leave --data-dir out to search $CREDITFLOW_DATA, the "
             "user cache and system folders" + (" (and download)" if where.resources else ""))
-    failure = "download=False"
+    failure = "downloads are off (--no-download)"
     if download and where.resources:
         folder = cache_root() / where.name
         try:
@@ -178,7 +178,7 @@ def locate(
     raise DatasetNotFound(
         f"dataset {where.name!r} not found; looked in: {'; '.join(looked)}; {failure}; "
         f"expected {where.expects}; to get it: {where.how_to}"
-        + (f"; or download=True ({urls})" if urls and not download else "")
+        + (f"; or let it download (--download; {urls})" if urls and not download else "")
     )
 
 
