@@ -8,8 +8,10 @@ that say what is available.
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -20,6 +22,10 @@ def check_device_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"unknown device {name!r}; use {DEVICE_CHOICES}")
     return name
+
+
+#: a schema field holding a device name, checked by :func:`check_device_name` (every command's ``--device``)
+DeviceName = Annotated[str, AfterValidator(lambda v: check_device_name(v))]
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

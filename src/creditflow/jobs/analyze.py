@@ -26,11 +26,11 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from .. import data
-from ..devices import check_device_name, resolve_device
+from ..devices import DeviceName, resolve_device
 from ..diagnostics.representations import (
     balanced_subset,
     class_statistics,
@@ -71,12 +71,8 @@ class AnalyzeOptions(BaseModel):
     split: Literal["test", "val", "train"] = Field("test", description="split the samples come from")
     seed: int = Field(0, ge=0, description="seed of the sample and of t-SNE")
     batch_size: int | None = Field(None, ge=1, description="batch size (default: the run's eval batch size)")
-    device: str = Field("auto", description="device for the forward passes: auto, cpu, cuda or cuda:N")
+    device: DeviceName = Field("auto", description="device for the forward passes: auto, cpu, cuda or cuda:N")
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v):
-        return check_device_name(v)
     data_dir: str | None = Field(None, description="folder holding the dataset (default: the run's)")
 
     def layer_list(self) -> list[str] | None:

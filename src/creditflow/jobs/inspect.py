@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..devices import check_device_name
+from ..devices import DeviceName
 
 
 class MemoryOptions(BaseModel):
@@ -20,7 +20,7 @@ class MemoryOptions(BaseModel):
                        "(asap:k=4:saved_norm=bfloat16)")
     batch_size: int = Field(64, ge=1, description="samples in the measured step")
     num_classes: int = Field(10, ge=1, description="size of the model's logits")
-    device: str = Field("auto", description="where the step runs: auto, cpu, cuda or cuda:N (auto: cuda where "
+    device: DeviceName = Field("auto", description="where the step runs: auto, cpu, cuda or cuda:N (auto: cuda where "
                         "available)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="the step under autocast, as train "
                                                        "--precision")
@@ -28,10 +28,6 @@ class MemoryOptions(BaseModel):
     out: str | None = Field(None, description="output folder: memory.json (the rows) and memory.md (the tables)")
     model_options: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v):
-        return check_device_name(v)
 
     @field_validator("plot")
     @classmethod

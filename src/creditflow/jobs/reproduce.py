@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import data
-from ..devices import check_device_name
+from ..devices import DeviceName
 from ..report import plot_curves
 from ..train.checkpoint import write_json, write_text
 from ..train.config import RunConfig, validate
@@ -50,12 +50,8 @@ class ReproduceOptions(BaseModel):
                         "(this 2-core CPU, up to an hour, where the preset has one) or full (the paper's protocol)")
     data_dir: str | None = Field(None, description="folder holding the datasets")
     out: str | None = Field(None, description="output folder (default runs/reproduce-<preset>-<budget>)")
-    device: str = Field("auto", description="training device: auto, cpu, cuda or cuda:N")
+    device: DeviceName = Field("auto", description="training device: auto, cpu, cuda or cuda:N")
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v):
-        return check_device_name(v)
     seeds: int | None = Field(None, ge=1, description="override the budget's number of seeds")
     cells: str | None = Field(None, description="comma-separated cell ids to run (default: all)")
     columns: str | None = Field(None, description="comma-separated columns (rules) to run (default: all)")

@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticUndefined
 
-from ..devices import check_device_name
+from ..devices import DeviceName
 from ..registry import DATASETS, MODELS, RULES
 
 #: config keys that say where a run's work happens, not what it computes: a run resumes across them
@@ -107,7 +107,7 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
     rule_options: dict[str, Any] = Field(default_factory=dict, description="extra rule arguments, key=value")
     model_options: dict[str, Any] = Field(default_factory=dict, description="extra model arguments, key=value")
     seed: int = Field(0, ge=0, description="seed for init, split, data order and augmentation")
-    device: str = Field("auto", description="training device: auto, cpu, cuda or cuda:N")
+    device: DeviceName = Field("auto", description="training device: auto, cpu, cuda or cuda:N")
     out: str | None = Field(None, description="output folder (default runs/<rule>-<dataset>-s<seed>-<hash of the config>)")
     eval_batch_size: int = Field(1000, ge=1, description="batch size for evaluation")
     test_every: Literal["epoch", "best"] = Field(
@@ -125,10 +125,6 @@ class RunConfig(DataConfig, OptimConfig, ParallelConfig):
                              "train in fp32")
         return self
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v):
-        return check_device_name(v)
 
     @field_validator("rule")
     @classmethod
