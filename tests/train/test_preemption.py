@@ -175,7 +175,8 @@ def alive(pids):
 @pytest.mark.parametrize("delay", [0.3, 2.0, 6.0])
 def test_no_worker_outlives_a_launch_stopped_at_any_point_of_its_start(tmp_path, delay):
     """SIGTERM to a DDP launch while it imports, spawns, rendezvouses, loads data or trains."""
-    cmd = [*CLI, "--parallel", "ddp", "--nproc", "2", "--out", str(tmp_path / "run"), "--quiet"]
+    cmd = [*CLI, "--epochs", "10", "--max-steps-per-epoch", "1000",  # still training when the signal comes
+           "--parallel", "ddp", "--nproc", "2", "--out", str(tmp_path / "run"), "--quiet"]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     seen, deadline = set(), time.time() + delay
