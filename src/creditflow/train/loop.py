@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -94,11 +94,6 @@ class EpochLoop:
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return EpochTotals(loss.item(), int(hits.item()), seen, n, elapsed,
                            {k: v.item() / max(n, 1) for k, v in extra.items()}, trainer.saved_bytes(), peak)
-
-    @staticmethod
-    def plain(progress: EpochProgress) -> dict[str, Any]:
-        """For a checkpoint (tensors and plain data only)."""
-        return progress._asdict()
 
 
 __all__ = ["EpochLoop", "EpochProgress"]

@@ -61,7 +61,20 @@ STOP = StopRequest()
 SECOND_SIGNAL_ENDS = True
 #: whether a request outlives the run it stopped (:func:`serve_as_worker`: the next run there stops too)
 _KEEP_REQUEST = False
-_installed = threading.local()  # set while a stop_signals block holds the handlers (main thread only)
+_serving = False  # a stop_signals block holds the handlers now (the main thread's)
+
+
+@contextlib.contextmanager
+def _handling(handler) -> Iterator[None]:
+    """``handler`` for SIGTERM and SIGINT inside the block, the handlers before it back after it."""
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 @contextlib.contextmanager
@@ -71,11 +84,10 @@ def stop_signals() -> Iterator[StopRequest]:
     Outside the main thread (where Python cannot install handlers) nothing is installed and no stop
     is ever requested: the run ends as the signal's default action ends it.
     """
-    if threading.current_thread() is not threading.main_thread() or getattr(_installed, "on", False):
+    global _serving
+    if threading.current_thread() is not threading.main_thread() or _serving:
         yield STOP  # nested (compare's runs inside compare's block): the outer block serves the signal
         return
-    _installed.on = True
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
 
     def request(signum, frame):
         if STOP.requested and SECOND_SIGNAL_ENDS:  # the second signal: out now
@@ -84,16 +96,14 @@ def stop_signals() -> Iterator[StopRequest]:
             return
         STOP.signum = STOP.signum or signum
 
-    for s in STOP_SIGNALS:
-        signal.signal(s, request)
+    _serving = True
     try:
-        yield STOP
+        with _handling(request):
+            yield STOP
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         if not _KEEP_REQUEST:
             STOP.signum = None
-        _installed.on = False
+        _serving = False
 
 
 def serve_as_worker() -> None:
@@ -116,9 +126,9 @@ def forward_signals(workers: Callable[[], Iterable[int]]) -> Iterator[None]:
     """While the block runs, SIGTERM and SIGINT to this process go on to every pid ``workers()`` names.
 
     For a parent whose children train (the launcher's ranks and stages, ``reproduce --jobs``): a
-    child of a preemptible strategy stops at a step boundary with a checkpoint and reports
-    :class:`Preempted`, which ends the parent's wait; a child that cannot takes the signal's default
-    action. A second signal here kills the children at once.
+    child that is training stops at a step boundary with a checkpoint and reports :class:`Preempted`,
+    which ends the parent's wait; a child still starting up takes the signal's default action. A
+    second signal here kills the children at once.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -133,14 +143,8 @@ def forward_signals(workers: Callable[[], Iterable[int]]) -> Iterator[None]:
             except ProcessLookupError:
                 pass
 
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
-        signal.signal(s, forward)
-    try:
+    with _handling(forward):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 __all__ = ["Preempted", "check_not_stopped", "forward_signals", "serve_as_worker", "STOP", "STOP_SIGNALS", "StopRequest", "stop_signals"]

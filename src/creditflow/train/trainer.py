@@ -42,7 +42,7 @@ from .optim_state import (
     named_optimizer_state,
 )
 from .precision import Precision
-from .preemption import Preempted, StopRequest, stop_signals
+from .preemption import Preempted, stop_signals
 from .runfolder import claim, config_diff, finished_summary
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,6 @@ class Strategy:
         totals = loop.run(batches, steps, start)
         trainer.cut = loop.progress
         return totals
-
-    #: SIGTERM/SIGINT stop this strategy's runs at a step boundary with a checkpoint (train/preemption.py)
-    preemptible = True
 
     def stop_agreed(self, requested: bool, step: int) -> bool:
         """Whether every process stops after ``step`` (steps done this epoch); one process: when asked."""
@@ -335,12 +332,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any] | None:
         """Train to ``cfg.epochs`` (``resume``: from the folder's checkpoint, mid-epoch too).
 
-        On SIGTERM/SIGINT (preemptible strategies) the run stops after the step in progress, writes
+        On SIGTERM/SIGINT (every strategy) the run stops after the step in progress, writes
         a checkpoint of that point and raises :class:`~creditflow.train.preemption.Preempted`.
         """
-        if not self.strategy.preemptible:
-            self.stop = StopRequest()  # never requested: the signal's default action ends the run
-            return self._fit(resume)
         with stop_signals() as self.stop:
             return self._fit(resume)
 
@@ -403,7 +397,6 @@ class Trainer:
         self.train_set = None if splits is None else splits.train.to(self.device) if self.device.type == "cuda" else splits.train
         self.out, self.ckpt_path, self.gen, self.rows, self.within = out, ckpt_path, gen, rows, within
         self.augment = data.augment.build(cfg.augment)
-        self.within_pending = within is not None  # the first epoch resumes inside, from the cut
         for cb in self.callbacks:
             cb.on_fit_start(self)
 
@@ -423,16 +416,15 @@ class Trainer:
     def _epoch(self, epoch: int) -> None:
         """One epoch: its steps, the main process's evaluation, metrics row and checkpoint."""
         cfg, strategy, rule, steps = self.cfg, self.strategy, self.rule, self.steps_per_epoch
-        main, out, ckpt_path, gen, rows, within = (strategy.is_main, self.out, self.ckpt_path, self.gen, self.rows,
-                                                   self.within)
+        main, out, ckpt_path, gen, rows = strategy.is_main, self.out, self.ckpt_path, self.gen, self.rows
         strategy.before_epoch(epoch)
         for cb in self.callbacks:
             cb.on_epoch_start(self, epoch)
         progress = None
-        if within is not None and epoch == self.epochs_done and self.within_pending:
+        if (within := self.within) is not None:  # the first epoch resumes inside, from the cut
+            self.within = None
             mine = within["ranks"][strategy.rank]
             progress = EpochProgress(**mine["progress"])
-            self.within_pending = False
             torch.set_rng_state(mine["torch_rng"])  # after before_epoch, which may reseed a rank
             if mine["cuda_rng"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
